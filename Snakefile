@@ -1,0 +1,45 @@
+# graphpar: graph-parallel DimeNet++ and GemNet-T on OC20 (Sriram et al., ICLR 2022).
+#
+#   snakemake --cores all                       the whole pipeline for config/config.yaml
+#   snakemake --cores all --configfile config/paper/gemnet-xl.yaml
+#
+# Where everything lands:
+#
+#   resources/<dataset>/            raw data (mini: generated; oc20: downloaded), see config/README.md
+#     s2ef/<split>/                 *.extxyz.xz + *.txt.xz (OC20 test splits: LMDB shards)
+#     is2re/<split>/data.lmdb       OC20's pickled-PyG IS2RE/IS2RS LMDBs
+#     manifest.json                 mini only: systems, convergence and frame counts
+#   resources/oc20/downloads/       verified archives (deleted after extraction unless kept)
+#   resources/oc20/manual/          place archives downloaded by hand here
+#   results/<experiment>/           everything computed from the data (later stages)
+#   logs/<rule>/...                 one log per job
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+include: "workflow/rules/data.smk"
+
+
+onstart:
+    print(f"graphpar: experiment '{config['experiment']}' on the '{DATASET}' dataset")
+
+
+onsuccess:
+    print("graphpar: done. Raw data under resources/, results under results/, logs under logs/.")
+
+
+onerror:
+    print("graphpar: a job failed. Its log is under logs/<rule>/ (named in the error above).")
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

@@ -1,0 +1,68 @@
+"""Atomic file and directory writes: a reader never sees a half-written output.
+
+Every output of the pipeline is written to a temporary sibling and renamed into place, so a
+killed job leaves either the old file, no file, or the complete new file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _temp_sibling(path: Path, *, directory: bool) -> Path:
+    """A fresh temporary file or directory beside `path`, with the usual (umask) permissions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.tmp-"
+    if directory:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=path.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        return tmp
+    fd, name = tempfile.mkstemp(prefix=prefix, dir=path.parent)
+    os.close(fd)
+    Path(name).chmod(0o666 & ~_umask())  # mkstemp makes it private (0600)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside `path`; rename it onto `path` if the block succeeds."""
+    path = Path(path)
+    tmp = _temp_sibling(path, directory=False)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; it replaces `path` if the block succeeds."""
+    path = Path(path)
+    tmp = _temp_sibling(path, directory=True)
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented, key-sorted JSON, atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
