@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import lzma
 import os
@@ -418,9 +419,43 @@ def is2re_data(result: dict):
     )
 
 
+def _pickled_string(text: bytes) -> bytes:
+    return b"X" + len(text).to_bytes(4, "little") + text  # pickle's BINUNICODE opcode
+
+
+class _ReproduciblePickler(pickle.Pickler):
+    """Pickles tensors exactly as torch does, except for the storage keys.
+
+    torch names each pickled storage after its memory address, so the same tensor pickles to
+    different bytes in every process. Renaming the key (an opaque label, used twice in each
+    storage's legacy-format blob) makes the dataset byte-for-byte reproducible while readers,
+    ours and OC20's, see torch's own format.
+    """
+
+    def reducer_override(self, obj):
+        import torch
+
+        if not isinstance(obj, torch.storage.TypedStorage):
+            return NotImplemented
+        buffer = io.BytesIO()
+        torch.save(obj, buffer, _use_new_zipfile_serialization=False)
+        key = _pickled_string(str(obj._untyped_storage._cdata).encode())
+        blob = buffer.getvalue()
+        if blob.count(key) != 2:
+            raise RuntimeError("unexpected torch storage serialization layout")
+        return (torch.storage._load_from_bytes, (blob.replace(key, _pickled_string(b"0")),))
+
+
+def reproducible_pickle(obj) -> bytes:
+    """`pickle.dumps(obj)` whose bytes do not depend on where tensors live in memory."""
+    buffer = io.BytesIO()
+    _ReproduciblePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
 def write_is2re_split(results: list[dict], path: Path) -> int:
     """Write a single-file LMDB keyed "0".."n-1" of pickled `Data` (OC20's IS2RE layout)."""
-    values = [pickle.dumps(is2re_data(r), protocol=pickle.HIGHEST_PROTOCOL) for r in results]
+    values = [reproducible_pickle(is2re_data(r)) for r in results]
     with atomic_path(path) as tmp:
         env = lmdb.open(
             str(tmp),
