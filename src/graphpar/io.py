@@ -54,12 +54,27 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     tmp = _temp_sibling(path, directory=True)
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        replace_directory(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Move directory `source` to `target`, replacing any existing `target`.
+
+    os.replace cannot overwrite a non-empty directory, so an old `target` is first renamed aside:
+    at every moment `target` is either the complete old or the complete new directory.
+    """
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        os.replace(source, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old)
 
 
 def write_json(path: str | os.PathLike, obj) -> None:

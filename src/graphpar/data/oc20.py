@@ -39,7 +39,7 @@ import lmdb
 from tqdm import tqdm
 
 from graphpar import __version__
-from graphpar.io import atomic_path, write_json
+from graphpar.io import atomic_path, replace_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -696,19 +696,6 @@ def _decompress_all(paths: list[Path], *, threads: int, progress: bool) -> None:
                 bar.update()
 
 
-def _replace_directory(source: Path, target: Path) -> None:
-    """Move directory `source` to `target`, replacing any existing `target`."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        # os.replace cannot overwrite a non-empty directory: move the old one aside first.
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(source, target)
-
-
 def extract(
     archive: Archive,
     tar_path: str | os.PathLike,
@@ -775,7 +762,7 @@ def extract(
                 "found": found[split],
             }
         for split in archive.splits:
-            _replace_directory(staging / archive.split_dir(split), root / archive.split_dir(split))
+            replace_directory(staging / archive.split_dir(split), root / archive.split_dir(split))
             log.info("%s: split %s is in %s", archive.name, split, root / archive.split_dir(split))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
