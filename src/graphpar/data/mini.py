@@ -124,7 +124,7 @@ class MiniConfig:
     seed: int = 0
     systems: dict[str, int] = field(
         default_factory=lambda: {
-            "train": 160,
+            "train": 240,
             "val_id": 20,
             "val_ood_ads": 20,
             "val_ood_cat": 20,
