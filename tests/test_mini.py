@@ -22,7 +22,7 @@ from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from conftest import REPO, tool_env
 
-from graphpar.data.mini import ADSORBATES, SPLITS, MiniConfig, generate
+from graphpar.data.mini import ADSORBATES, SPLITS, MiniConfig, generate, load_settings
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -213,3 +213,12 @@ def test_cli_help_and_clear_errors(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == "error: need 0 < fixed_layers < layers"
     assert not (tmp_path / "x").exists()
+
+
+def test_settings_load_from_a_workflow_config_or_a_mini_section(tmp_path):
+    workflow_config = REPO / "config" / "config.yaml"
+    expected = yaml.safe_load(workflow_config.read_text())["dataset"]["mini"]
+    assert load_settings(str(workflow_config), None) == expected
+    section = tmp_path / "mini.yaml"
+    section.write_text(yaml.safe_dump({"seed": 5, "layers": 4}))
+    assert load_settings(str(section), '{"seed": 6}') == {"seed": 6, "layers": 4}

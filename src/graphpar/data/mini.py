@@ -556,9 +556,9 @@ def load_settings(config_file: str | None, settings_json: str | None) -> dict:
     settings: dict = {}
     if config_file:
         loaded = yaml.safe_load(Path(config_file).read_text()) or {}
-        settings.update(
-            loaded.get("dataset", {}).get("mini", loaded) if "dataset" in loaded else loaded
-        )
+        if "dataset" in loaded:  # a whole workflow config
+            loaded = loaded["dataset"].get("mini") or {}
+        settings.update(loaded)
     if settings_json:
         settings.update(json.loads(settings_json))
     return settings
