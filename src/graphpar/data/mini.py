@@ -32,6 +32,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import io
 import json
@@ -369,31 +370,54 @@ def relax_system(spec: SystemSpec, config: MiniConfig, gas: dict[str, float]) ->
     }
 
 
-def _frame_atoms(result: dict, frame: dict) -> Atoms:
+def _frame_atoms(system: dict, frame: dict) -> Atoms:
     atoms = Atoms(
-        numbers=result["numbers"],
+        numbers=system["numbers"],
         positions=frame["positions"],
-        cell=result["cell"],
+        cell=system["cell"],
         pbc=True,
-        tags=result["tags"],
+        tags=system["tags"],
     )
-    atoms.set_constraint(FixAtoms(mask=result["fixed"]))
+    atoms.set_constraint(FixAtoms(mask=system["fixed"]))
     atoms.calc = SinglePointCalculator(atoms, energy=frame["energy"], forces=frame["forces"])
     return atoms
 
 
-def write_s2ef_split(results: list[dict], directory: Path, frames_per_file: int, seed: int) -> int:
-    """Write a split's frames, shuffled as in OC20, as numbered `.extxyz.xz` + `.txt.xz` pairs."""
-    frames = [(r, fid) for r in results for fid in range(len(r["frames"]))]
+def write_s2ef_file(stem: Path, frames: list[tuple[dict, int, dict]]) -> None:
+    """Write `<stem>.extxyz.xz` and its `<stem>.txt.xz` (one line per frame, same order)."""
+    with lzma.open(stem.with_name(stem.name + ".extxyz.xz"), "wt") as f:
+        ase.io.write(f, [_frame_atoms(system, frame) for system, _, frame in frames], "extxyz")
+    with lzma.open(stem.with_name(stem.name + ".txt.xz"), "wt") as f:
+        for system, fid, _ in frames:
+            f.write(f"random{system['sid']},frame{fid},{system['reference_energy']!r}\n")
+
+
+def _write_s2ef_file_task(args) -> None:
+    write_s2ef_file(*args)
+
+
+def write_s2ef_split(
+    results: list[dict], directory: Path, frames_per_file: int, seed: int, map_fn=map
+) -> int:
+    """Write a split's frames, shuffled as in OC20, as numbered `.extxyz.xz` + `.txt.xz` pairs.
+
+    `map_fn` (e.g. a process pool's `imap`) writes the files in parallel; returns the frame count.
+    """
+    frames = []
+    for r in results:
+        # Only what a frame needs travels to the writers (pickled once per file, not per frame).
+        system = {key: r[key] for key in ("numbers", "cell", "tags", "fixed", "reference_energy")}
+        system["sid"] = r["spec"].sid
+        frames += [(system, fid, frame) for fid, frame in enumerate(r["frames"])]
     random.Random(seed).shuffle(frames)
     with atomic_directory(directory) as tmp:
-        for k, start in enumerate(range(0, len(frames), frames_per_file)):
-            chunk = frames[start : start + frames_per_file]
-            with lzma.open(tmp / f"{k}.extxyz.xz", "wt") as f:
-                ase.io.write(f, [_frame_atoms(r, r["frames"][fid]) for r, fid in chunk], "extxyz")
-            with lzma.open(tmp / f"{k}.txt.xz", "wt") as f:
-                for r, fid in chunk:
-                    f.write(f"random{r['spec'].sid},frame{fid},{r['reference_energy']!r}\n")
+        chunks = range(0, len(frames), frames_per_file)
+        tasks = [
+            (tmp / str(k), frames[start : start + frames_per_file])
+            for k, start in enumerate(chunks)
+        ]
+        for _ in map_fn(_write_s2ef_file_task, tasks):
+            pass
     return len(frames)
 
 
@@ -493,40 +517,45 @@ def generate(config: MiniConfig, out: str | os.PathLike, workers: int = 1) -> di
 
     tasks = [(spec, config, gas) for spec in specs]
     progress = dict(total=len(tasks), desc="EMT relaxations", unit="system", mininterval=2.0)
-    if workers > 1:
-        with get_context("fork").Pool(workers, initializer=_single_threaded_blas) as pool:
-            results = list(tqdm(pool.imap(_relax_task, tasks), **progress))
-    else:
-        results = [_relax_task(t) for t in tqdm(tasks, **progress)]
+    with contextlib.ExitStack() as stack:
+        map_fn = map
+        if workers > 1:
+            pool = get_context("fork").Pool(workers, initializer=_single_threaded_blas)
+            map_fn = stack.enter_context(pool).imap
+        results = list(tqdm(map_fn(_relax_task, tasks), **progress))
 
-    manifest = {
-        "format": "graphpar-mini",
-        "version": 1,
-        "generator": {"graphpar": __version__, "ase": ase.__version__},
-        "config": dataclasses.asdict(config),
-        "gas_references_eV": gas,
-        "splits": {},
-        "systems": [],
-    }
-    for split_index, split in enumerate(config.active_splits):
-        in_split = [r for r in results if r["spec"].split == split]
-        # A system without a relaxed clean slab has no reference energy: drop it entirely.
-        usable = [r for r in in_split if r["slab_converged"]]
-        relaxed = [r for r in usable if r["converged"]]
-        frames = write_s2ef_split(
-            usable, out / "s2ef" / split, config.frames_per_file, seed=config.seed + split_index
-        )
-        write_is2re_split(relaxed, out / "is2re" / split / "data.lmdb")
-        manifest["splits"][split] = {
-            "systems": len(in_split),
-            "slab_unconverged": len(in_split) - len(usable),
-            "unconverged": len(usable) - len(relaxed),
-            "is2re_systems": len(relaxed),
-            "s2ef_frames": frames,
-            "s2ef_files": -(-frames // config.frames_per_file),
-            "adsorbates": sorted({r["spec"].adsorbate for r in in_split}),
-            "metals": sorted({m for r in in_split for m in r["spec"].metals}),
+        manifest = {
+            "format": "graphpar-mini",
+            "version": 1,
+            "generator": {"graphpar": __version__, "ase": ase.__version__},
+            "config": dataclasses.asdict(config),
+            "gas_references_eV": gas,
+            "splits": {},
+            "systems": [],
         }
+        for split_index, split in enumerate(tqdm(config.active_splits, desc="writing splits")):
+            in_split = [r for r in results if r["spec"].split == split]
+            # A system without a relaxed clean slab has no reference energy: drop it entirely.
+            usable = [r for r in in_split if r["slab_converged"]]
+            relaxed = [r for r in usable if r["converged"]]
+            frames = write_s2ef_split(
+                usable,
+                out / "s2ef" / split,
+                config.frames_per_file,
+                seed=config.seed + split_index,
+                map_fn=map_fn,
+            )
+            write_is2re_split(relaxed, out / "is2re" / split / "data.lmdb")
+            manifest["splits"][split] = {
+                "systems": len(in_split),
+                "slab_unconverged": len(in_split) - len(usable),
+                "unconverged": len(usable) - len(relaxed),
+                "is2re_systems": len(relaxed),
+                "s2ef_frames": frames,
+                "s2ef_files": -(-frames // config.frames_per_file),
+                "adsorbates": sorted({r["spec"].adsorbate for r in in_split}),
+                "metals": sorted({m for r in in_split for m in r["spec"].metals}),
+            }
     for r in results:
         spec = r["spec"]
         manifest["systems"].append(
