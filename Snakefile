@@ -9,6 +9,7 @@
 #     s2ef/<split>/                 *.extxyz.xz + *.txt.xz (OC20 test splits: LMDB shards)
 #     is2re/<split>/data.lmdb       OC20's pickled-PyG IS2RE/IS2RS LMDBs
 #     manifest.json                 mini only: systems, convergence and frame counts
+#     lmdb/<task>/<split>/          graphs (+ triplets): data.NNNN.lmdb shards + metadata.json/.npz
 #   resources/oc20/downloads/       verified archives (deleted after extraction unless kept)
 #   resources/oc20/manual/          place archives downloaded by hand here
 #   results/<experiment>/           everything computed from the data (later stages)
@@ -25,6 +26,12 @@ include: "workflow/rules/common.smk"
 
 
 include: "workflow/rules/data.smk"
+
+
+# ---- preprocess ---------------------------------------------------------------------------------
+
+
+include: "workflow/rules/preprocess.smk"
 
 
 onstart:

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, copy_test_workdir, run_snakemake
 
+from graphpar.data.dataset import LmdbDataset
+
 pytestmark = pytest.mark.timeout(600)
 
 CONFIGS = sorted((REPO / "config").rglob("*.yaml"))
@@ -19,7 +21,7 @@ def test_tiny_run_produces_the_documented_raw_layout(tiny_workflow):
     raw = tiny_workflow / "resources" / "mini"
     manifest = json.loads((raw / "manifest.json").read_text())
     test_config = yaml.safe_load((tiny_workflow / "config" / "config.yaml").read_text())
-    expected = test_config["dataset"]["mini"]["systems"]
+    expected = {k: v for k, v in test_config["dataset"]["mini"]["systems"].items() if v}
     assert {split: s["systems"] for split, s in manifest["splits"].items()} == expected
     for split in expected:
         assert sorted((raw / "s2ef" / split).glob("*.extxyz.xz"))
@@ -27,6 +29,18 @@ def test_tiny_run_produces_the_documented_raw_layout(tiny_workflow):
         assert (raw / "is2re" / split / "data.lmdb").is_file()
     log = (tiny_workflow / "logs" / "generate_mini.log").read_text()
     assert "mini dataset:" in log
+
+
+def test_tiny_run_preprocesses_every_split(tiny_workflow):
+    raw = tiny_workflow / "resources" / "mini"
+    manifest = json.loads((raw / "manifest.json").read_text())
+    for split, summary in manifest["splits"].items():
+        s2ef = LmdbDataset(raw / "lmdb" / "s2ef" / split)
+        assert len(s2ef) == summary["s2ef_frames"]
+        assert s2ef.metadata["ref_energy"] is True and s2ef.metadata["cutoff"] == 6.0
+        is2re = LmdbDataset(raw / "lmdb" / "is2re" / split)
+        assert len(is2re) == summary["is2re_systems"]
+        assert (tiny_workflow / "logs" / "preprocess_s2ef" / f"{split}.log").is_file()
 
 
 def test_finished_run_has_nothing_left_to_do(tiny_workflow):
@@ -85,6 +99,9 @@ def test_oc20_dry_run_fetches_exactly_the_configured_archives(tmp_path):
     assert counts["extract_oc20_s2ef"] == 6
     assert counts["extract_oc20_s2ef_test"] == 1
     assert counts["extract_oc20_is2re"] == 1
+    # Every S2EF split (2 train, 4 val, 4 test) and every IS2RE split (3 train, 4 val, 4 test).
+    assert counts["preprocess_s2ef"] == 10
+    assert counts["preprocess_is2re"] == 11
 
 
 def test_configs_exist():

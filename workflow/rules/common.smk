@@ -62,8 +62,39 @@ def data_targets():
     return targets
 
 
+def preprocessed_s2ef(split):
+    return f"resources/{DATASET}/lmdb/s2ef/{split}"
+
+
+def preprocessed_is2re(split):
+    return f"resources/{DATASET}/lmdb/is2re/{split}"
+
+
+def preprocess_targets():
+    """Every preprocessed LMDB directory of the configured dataset."""
+    return [preprocessed_s2ef(s) for s in s2ef_splits()] + [
+        preprocessed_is2re(s) for s in is2re_splits()
+    ]
+
+
+PREPROCESS = config["preprocess"]
+
+
+def preprocess_options(ref_energy):
+    """Command-line options of `python -m graphpar.preprocess` from the preprocess config."""
+    options = [
+        f"--cutoff {PREPROCESS['cutoff']}",
+        f"--max-neighbors {PREPROCESS['max_neighbors']}",
+        f"--store-triplets {PREPROCESS['store_triplets']}",
+        f"--triplet-budget-gb {PREPROCESS['triplet_budget_gb']}",
+    ]
+    if ref_energy:
+        options.append("--ref-energy")
+    return " ".join(options)
+
+
 def all_targets():
-    return data_targets()
+    return data_targets() + preprocess_targets()
 
 
 # ---- OC20 archives ---------------------------------------------------------------------------

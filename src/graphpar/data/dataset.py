@@ -1,0 +1,165 @@
+"""Datasets, collation and load-balanced sampling over preprocessed LMDB directories.
+
+    dataset = LmdbDataset("resources/mini/lmdb/s2ef/train", triplets=("dimenetpp",))
+    sampler = BalancedBatchSampler(dataset.sizes("triplets_dimenetpp"), batch_size=8,
+                                   num_replicas=D, rank=data_parallel_rank, seed=0)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=2)
+
+All G ranks of a graph-parallel group load the same batch: the sampler is keyed by the
+data-parallel rank, never by the global rank (design.md section 3).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch_geometric.data import Batch
+
+from graphpar.data import graph
+from graphpar.data.lmdb import ShardedLmdb
+from graphpar.data.sample import Sample
+
+TRIPLET_KINDS = ("dimenetpp", "gemnet")
+# Per-sample sizes in metadata.npz, by the name a sampler balances on.
+SIZE_ARRAYS = {
+    "atoms": "natoms",
+    "edges": "num_edges",
+    "triplets_dimenetpp": "num_triplets_dimenetpp",
+    "triplets_gemnet": "num_triplets_gemnet",
+}
+
+
+class LmdbDataset(torch.utils.data.Dataset):
+    """A preprocessed dataset directory (shards + metadata) as `Sample` objects.
+
+    `triplets` names the models whose triplet indices each sample must carry ("dimenetpp":
+    `idx_kj`, `idx_ji`; "gemnet": `edge_index_sym`, `cell_offsets_sym`, `id_swap`, `id3_ba`,
+    `id3_ca`). Samples stored without them (datasets too large to store triplets) get them
+    built here, from the stored edges, with the same code preprocessing uses. Safe in DataLoader
+    workers and in several processes: shards open lazily, read-only, per process.
+    """
+
+    def __init__(self, path: str | os.PathLike, triplets: Sequence[str] = ()):
+        if unknown := set(triplets) - set(TRIPLET_KINDS):
+            raise ValueError(f"unknown triplet kind(s) {sorted(unknown)}; use {TRIPLET_KINDS}")
+        self.path = path
+        self.triplets = tuple(triplets)
+        self.lmdb = ShardedLmdb(path)
+
+    def __len__(self) -> int:
+        return len(self.lmdb)
+
+    @property
+    def metadata(self) -> dict:
+        return self.lmdb.metadata
+
+    def sizes(self, kind: str = "atoms") -> np.ndarray:
+        """Per-sample cost for load balancing: atoms, edges, triplets_dimenetpp, triplets_gemnet."""
+        if kind not in SIZE_ARRAYS:
+            raise ValueError(f"unknown size kind {kind!r}; use one of {list(SIZE_ARRAYS)}")
+        return np.asarray(self.lmdb.arrays[SIZE_ARRAYS[kind]])
+
+    def __getitem__(self, index: int) -> Sample:
+        fields = self.lmdb[index]
+        sample = Sample(
+            **{name: torch.from_numpy(np.array(value)) for name, value in fields.items()}
+        )
+        if "dimenetpp" in self.triplets and "idx_kj" not in sample:
+            sample.idx_kj, sample.idx_ji = graph.dimenet_triplets(
+                sample.edge_index, sample.cell_offsets, int(sample.natoms)
+            )
+        if "gemnet" in self.triplets and "id3_ba" not in sample:
+            sample.edge_index_sym, sample.cell_offsets_sym, sample.id_swap = graph.symmetric_graph(
+                sample.edge_index, sample.cell_offsets
+            )
+            sample.id3_ba, sample.id3_ca = graph.gemnet_triplets(
+                sample.edge_index_sym, int(sample.natoms)
+            )
+        return sample
+
+
+def collate(samples: Sequence[Sample]) -> Batch:
+    """Samples -> one PyG Batch with batch-global atom, edge and triplet indices.
+
+    `batch.free` marks the atoms that are not fixed: force losses and metrics use only those.
+    """
+    batch = Batch.from_data_list(list(samples))
+    batch.free = ~batch.fixed.bool()
+    return batch
+
+
+def balanced_partition(sizes: np.ndarray, num_parts: int) -> list[np.ndarray]:
+    """Split positions 0..len(sizes)-1 into `num_parts` groups of near-equal total size.
+
+    Greedy longest-processing-time: largest item first, each into the currently lightest group
+    (ties to the lowest group). Deterministic; each group keeps its items in ascending order.
+    """
+    loads = np.zeros(num_parts)
+    groups: list[list[int]] = [[] for _ in range(num_parts)]
+    for position in np.argsort(-np.asarray(sizes), kind="stable"):
+        lightest = int(np.argmin(loads))
+        groups[lightest].append(int(position))
+        loads[lightest] += sizes[position]
+    return [np.array(sorted(group), dtype=np.int64) for group in groups]
+
+
+class BalancedBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """This data-parallel rank's share of every global batch, balanced by per-sample cost.
+
+    Each step draws a global batch of `batch_size * num_replicas` samples (a seeded permutation
+    per epoch: deterministic for `seed` and `set_epoch`), splits it among the replicas so their
+    summed `sizes` (atoms, edges or triplets) are near-equal, and yields this `rank`'s part.
+    Ranks may get different numbers of samples; losses are normalised by global counts. The last
+    global batch is dropped with `drop_last`, otherwise padded from the start of the epoch's
+    order so every rank gets at least one sample.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[float] | np.ndarray,
+        batch_size: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.sizes = np.asarray(sizes, dtype=np.float64)
+        self.batch_size = batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.epoch = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sizes), self.global_batch_size)
+        return full + int(rest > 0 and not self.drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.sizes))
+        else:
+            order = np.arange(len(self.sizes))
+        for step in range(len(self)):
+            indices = order[step * self.global_batch_size : (step + 1) * self.global_batch_size]
+            if len(indices) < self.num_replicas:
+                padding = np.resize(order, self.num_replicas - len(indices))
+                indices = np.concatenate([indices, padding])
+            parts = balanced_partition(self.sizes[indices], self.num_replicas)
+            yield indices[parts[self.rank]].tolist()

@@ -1,0 +1,418 @@
+"""Preprocessing: raw structures -> periodic graphs and triplets in sharded LMDB.
+
+Reads the data stage's raw files (config/README.md), builds each structure's radius graph and
+triplets with `graphpar.data.graph` (the same code relaxations use on the fly), and writes a
+directory of `data.NNNN.lmdb` shards (one per worker) plus `metadata.json` / `metadata.npz`:
+
+    python -m graphpar.preprocess --input resources/mini/s2ef/train \\
+        --out resources/mini/lmdb/s2ef/train --ref-energy --workers 2
+    python -m graphpar.preprocess --input resources/mini/is2re/val_id/data.lmdb \\
+        --out resources/mini/lmdb/is2re/val_id
+
+Inputs, recognised by their contents:
+- an S2EF directory of `*.extxyz[.xz]` + `*.txt[.xz]` (read with ASE; `.xz` directly): total
+  energies, and with `--ref-energy` the txt file's reference is subtracted (OC20's
+  `--ref-energy`: adsorption-style energies, eV);
+- an OC20-style pickled-PyG LMDB file or directory of shards (IS2RE/IS2RS, S2EF test), read
+  through the restricted unpickler of `graphpar.data.lmdb`: initial and relaxed positions and
+  energies are kept (`pos_relaxed`, `energy_init`, `energy_relaxed`, eV).
+
+Triplet indices are stored when `--store-triplets always`, or `auto` and their estimated size is
+within `--triplet-budget-gb`; otherwise only their counts are, and DataLoader workers build them
+from the stored edges (design.md section 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import multiprocessing
+import re
+import sys
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from graphpar.data.graph import atoms_to_sample
+from graphpar.data.lmdb import (
+    LmdbFormatError,
+    ShardWriter,
+    UnsafePickleError,
+    iter_pyg_lmdb,
+    pyg_lmdb_length,
+    shard_name,
+    write_metadata,
+)
+from graphpar.io import atomic_directory
+
+# Errors that mean bad input: reported as one clear line naming the file (and sample).
+INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError)
+TXT_LINE = re.compile(r"^random(\d+),frame(-?\d+),(\S+)$")
+TRIPLET_FIELDS = {
+    "dimenetpp": ("idx_kj", "idx_ji"),
+    "gemnet": ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca"),
+}
+# Per-sample arrays of metadata.npz: samplers balance on them without reading the shards.
+METADATA_ARRAYS = ("natoms", "num_edges", "num_triplets_dimenetpp", "num_triplets_gemnet")
+
+
+class PreprocessError(RuntimeError):
+    """Bad input, named in the message; nothing is written."""
+
+
+@dataclass(frozen=True)
+class Options:
+    cutoff: float = 6.0  # A
+    max_neighbors: int | None = 50
+    ref_energy: bool = False
+    store_triplets: bool = True
+
+
+def natural_key(path: Path) -> list:
+    """Sort key: "2.extxyz.xz" before "10.extxyz.xz"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+# ---- reading inputs ------------------------------------------------------------------------
+
+
+def s2ef_file_pairs(directory: Path) -> list[tuple[Path, Path]]:
+    """(extxyz, txt) pairs of an S2EF directory, in numeric file order."""
+    pairs = []
+    for xyz in sorted(directory.iterdir(), key=natural_key):
+        if xyz.name.endswith((".extxyz", ".extxyz.xz")):
+            txt = xyz.with_name(xyz.name.replace(".extxyz", ".txt"))
+            if not txt.exists():
+                raise PreprocessError(f"{xyz}: no matching {txt.name}")
+            pairs.append((xyz, txt))
+    return pairs
+
+
+def read_txt(path: Path) -> list[tuple[int, int, float]]:
+    """(sid, fid, reference energy eV) per line of an OC20 S2EF txt file."""
+    opener = lzma.open if path.name.endswith(".xz") else open
+    rows = []
+    with opener(path, "rt") as file:
+        for number, line in enumerate(file, start=1):
+            match = TXT_LINE.match(line.strip())
+            if not match:
+                raise PreprocessError(f"{path}:{number}: not 'random<sid>,frame<fid>,<energy>'")
+            rows.append((int(match[1]), int(match[2]), float(match[3])))
+    return rows
+
+
+def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
+    """(ase.Atoms, labels) for every frame of one extxyz file and its txt file."""
+    import ase.io
+
+    rows = read_txt(txt)
+    try:
+        frames = ase.io.read(xyz, index=":", format="extxyz")
+    except (lzma.LZMAError, EOFError, ValueError, IndexError) as error:
+        raise PreprocessError(f"{xyz}: cannot read: {error}") from error
+    if len(frames) != len(rows):
+        raise PreprocessError(
+            f"{xyz} has {len(frames)} frames but {txt.name} has {len(rows)} lines; "
+            "they must match one to one"
+        )
+    for atoms, (sid, fid, reference) in zip(frames, rows, strict=True):
+        yield atoms, {"sid": sid, "fid": fid, "reference_energy": reference}
+
+
+# ---- one structure --------------------------------------------------------------------------
+
+
+def build_sample(atoms, labels: dict, options: Options) -> tuple[dict, dict]:
+    """One structure -> (fields to store, per-sample metadata row)."""
+    sample = atoms_to_sample(
+        atoms, cutoff=options.cutoff, max_neighbors=options.max_neighbors, triplets=True
+    )
+    fields = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in sample}
+    reference = labels.pop("reference_energy", None)
+    if options.ref_energy and "energy" in fields:
+        if reference is None:
+            raise PreprocessError("--ref-energy needs reference energies (S2EF txt files)")
+        fields["energy"] = fields["energy"] - reference
+    fields.update(labels)
+    row = {
+        "natoms": len(atoms),
+        "num_edges": fields["edge_index"].shape[1],
+        "num_triplets_dimenetpp": len(fields["idx_kj"]),
+        "num_triplets_gemnet": len(fields["id3_ba"]),
+    }
+    if not options.store_triplets:
+        for names in TRIPLET_FIELDS.values():
+            for name in names:
+                fields.pop(name)
+    return fields, row
+
+
+def pyg_to_atoms(attributes: dict):
+    """An OC20 pickled-PyG sample -> (ase.Atoms at its initial positions, labels to store)."""
+    from ase import Atoms
+    from ase.constraints import FixAtoms
+
+    def array(name, dtype):
+        return np.asarray(
+            attributes[name].numpy() if hasattr(attributes[name], "numpy") else attributes[name],
+            dtype=dtype,
+        )
+
+    atoms = Atoms(
+        numbers=array("atomic_numbers", np.int64),
+        positions=array("pos", np.float64),
+        cell=array("cell", np.float64).reshape(3, 3),
+        pbc=True,  # OC20 structures are periodic in all three directions
+    )
+    if "tags" in attributes:
+        atoms.set_tags(array("tags", np.int64))
+    if "fixed" in attributes:
+        atoms.set_constraint(FixAtoms(mask=array("fixed", np.float64) > 0))
+    labels = {}
+    for ours, theirs, dtype in (
+        ("sid", "sid", np.int64),
+        ("fid", "fid", np.int64),
+        ("energy", "y", np.float64),
+        ("forces", "force", np.float32),
+        ("pos_relaxed", "pos_relaxed", np.float32),
+        ("energy_init", "y_init", np.float64),
+        ("energy_relaxed", "y_relaxed", np.float64),
+    ):
+        if attributes.get(theirs) is not None:
+            labels[ours] = array(theirs, dtype)
+    return atoms, labels
+
+
+# ---- planning and workers -------------------------------------------------------------------
+
+
+def count_lines(path: Path) -> int:
+    opener = lzma.open if path.name.endswith(".xz") else open
+    with opener(path, "rb") as file:
+        return sum(1 for _ in file)
+
+
+def plan(source: Path, workers: int) -> tuple[str, list[list], int]:
+    """(input kind, work items per worker, total samples) for `source`."""
+    if source.is_dir() and any(
+        p.name.endswith((".extxyz", ".extxyz.xz")) for p in source.iterdir()
+    ):
+        pairs = s2ef_file_pairs(source)
+        total = sum(count_lines(txt) for _, txt in pairs)
+        workers = max(1, min(workers, len(pairs)))
+        # Whole files per worker, dealt round-robin: OC20's files hold ~5000 frames each.
+        return "s2ef", [pairs[w::workers] for w in range(workers)], total
+    if source.suffix == ".lmdb" or (source.is_dir() and any(source.glob("*.lmdb"))):
+        total = pyg_lmdb_length(source)
+        workers = max(1, min(workers, total))
+        bounds = np.linspace(0, total, workers + 1).astype(int)
+        return (
+            "pyg",
+            [[(source, int(a), int(b))] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
+            total,
+        )
+    raise PreprocessError(
+        f"{source}: neither an S2EF directory (*.extxyz[.xz] + *.txt[.xz]) nor an LMDB"
+    )
+
+
+def read_items(kind: str, items: list) -> Iterator[tuple[object, dict]]:
+    """(ase.Atoms, labels) for every structure of a worker's items."""
+    for item in items:
+        if kind == "s2ef":
+            yield from read_s2ef_pair(*item)
+        else:
+            path, start, stop = item
+            for _, attributes in iter_pyg_lmdb(path, start, stop):
+                yield pyg_to_atoms(attributes)
+
+
+def _worker(rank: int, kind: str, items: list, shard: Path, options: Options, messages) -> None:
+    """Process one worker's items into one shard; report progress and per-sample sizes."""
+    torch.set_num_threads(1)  # one process per core
+    try:
+        rows = {name: [] for name in METADATA_ARRAYS}
+        with ShardWriter(shard) as writer:
+            for atoms, labels in read_items(kind, items):
+                fields, row = build_sample(atoms, labels, options)
+                writer.append(fields)
+                for name, value in row.items():
+                    rows[name].append(value)
+                messages.put(("progress", rank, 1))
+        messages.put(("done", rank, {k: np.asarray(v, dtype=np.int64) for k, v in rows.items()}))
+    except (PreprocessError, *INPUT_ERRORS) as error:
+        messages.put(("error", rank, str(error)))
+    except Exception as error:  # noqa: BLE001 - any failure must reach the parent, with context
+        messages.put(("error", rank, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+
+
+class Inline:
+    """Stands in for a worker's message queue when the worker runs in this process."""
+
+    def __init__(self, receive):
+        self.receive = receive
+
+    def put(self, message: tuple) -> None:
+        self.receive(*message)
+
+
+def _run_workers(kind: str, work: list[list], tmp: Path, options: Options, receive) -> None:
+    """One process per work list, each writing its own shard; relays their messages."""
+    # fork, like torch's DataLoader workers: a spawned worker spends seconds importing torch.
+    context = multiprocessing.get_context("fork")
+    messages = context.Queue()
+    processes = [
+        context.Process(
+            target=_worker,
+            args=(rank, kind, items, tmp / shard_name(rank), options, messages),
+            daemon=True,
+        )
+        for rank, items in enumerate(work)
+    ]
+    for process in processes:
+        process.start()
+    finished = 0
+    try:
+        while finished < len(processes):
+            message = messages.get()
+            receive(*message)
+            finished += message[0] == "done"
+    finally:
+        for process in processes:
+            if finished < len(processes):
+                process.terminate()
+            process.join()
+
+
+def triplet_bytes(kind: str, items: list[list], options: Options) -> int:
+    """Stored size of the triplet fields of the first structure (for the `auto` budget)."""
+    for atoms, labels in read_items(kind, items[0]):
+        fields, _ = build_sample(atoms, labels, options)
+        return sum(fields[name].nbytes for names in TRIPLET_FIELDS.values() for name in names)
+    return 0
+
+
+def preprocess(
+    source: str | Path,
+    out: str | Path,
+    *,
+    workers: int = 1,
+    cutoff: float = 6.0,
+    max_neighbors: int | None = 50,
+    ref_energy: bool = False,
+    store_triplets: str = "auto",
+    triplet_budget_gb: float = 2.0,
+    progress: bool = True,
+) -> dict:
+    """Preprocess `source` (S2EF directory or pickled-PyG LMDB) into the shard directory `out`.
+
+    Returns the metadata written to `out/metadata.json`. Raises PreprocessError naming the bad
+    file (and sample) when an input is corrupt or inconsistent; `out` is then left untouched.
+    """
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise PreprocessError(f"input {source} does not exist")
+    if store_triplets not in ("auto", "always", "never"):
+        raise PreprocessError(
+            f"store_triplets must be auto, always or never, not {store_triplets!r}"
+        )
+    options = Options(cutoff, max_neighbors, ref_energy, store_triplets != "never")
+    try:
+        kind, work, total = plan(source, workers)
+        if store_triplets == "auto" and total:
+            estimate = total * triplet_bytes(kind, work, options)
+            fits = estimate <= triplet_budget_gb * 2**30
+            options = Options(cutoff, max_neighbors, ref_energy, fits)
+    except INPUT_ERRORS as error:
+        raise PreprocessError(str(error)) from error
+
+    results: dict[int, dict] = {}
+    bar = tqdm(
+        total=total,
+        desc=f"preprocess {source.name}",
+        unit="structure",
+        mininterval=2.0,
+        disable=not progress,
+    )
+
+    def receive(message: str, rank: int, payload) -> None:
+        if message == "progress":
+            bar.update(payload)
+        elif message == "done":
+            results[rank] = payload
+        else:
+            raise PreprocessError(payload)
+
+    with atomic_directory(out) as tmp, bar:
+        if len(work) == 1:
+            # One worker: run it here, no process to start.
+            _worker(0, kind, work[0], tmp / shard_name(0), options, Inline(receive))
+        else:
+            _run_workers(kind, work, tmp, options, receive)
+        arrays = {
+            name: np.concatenate([results[rank][name] for rank in range(len(work))])
+            for name in METADATA_ARRAYS
+        }
+        info = {
+            "source": str(source),
+            "kind": "s2ef" if kind == "s2ef" else "lmdb",
+            "cutoff": cutoff,
+            "max_neighbors": max_neighbors,
+            "ref_energy": ref_energy,
+            "triplets_stored": options.store_triplets,
+        }
+        metadata = write_metadata(tmp, info, arrays)
+    return metadata
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m graphpar.preprocess",
+        description=(
+            "Build periodic radius graphs and triplets for an S2EF directory (*.extxyz[.xz] + "
+            "*.txt[.xz]) or an OC20-style pickled LMDB (IS2RE/IS2RS, S2EF test), and write them "
+            "as data.NNNN.lmdb shards (one per worker) plus metadata.json/.npz."
+        ),
+    )
+    parser.add_argument("--input", required=True, type=Path, help="raw split directory or LMDB")
+    parser.add_argument("--out", required=True, type=Path, help="output directory")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--cutoff", type=float, default=6.0, help="radius, A (default 6)")
+    parser.add_argument("--max-neighbors", type=int, default=50, help="per target (default 50)")
+    parser.add_argument(
+        "--ref-energy", action="store_true", help="subtract the txt reference energies (S2EF)"
+    )
+    parser.add_argument(
+        "--store-triplets",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="store triplet indices (auto: when within --triplet-budget-gb)",
+    )
+    parser.add_argument("--triplet-budget-gb", type=float, default=2.0, help="default 2")
+    args = parser.parse_args(argv)
+    try:
+        metadata = preprocess(
+            args.input,
+            args.out,
+            workers=args.workers,
+            cutoff=args.cutoff,
+            max_neighbors=args.max_neighbors,
+            ref_energy=args.ref_energy,
+            store_triplets=args.store_triplets,
+            triplet_budget_gb=args.triplet_budget_gb,
+        )
+    except PreprocessError as error:
+        sys.exit(f"error: {error}")
+    print(
+        f"{args.out}: {metadata['length']} structures in {len(metadata['shards'])} shard(s), "
+        f"triplets {'stored' if metadata['triplets_stored'] else 'built by the loader'}"
+    )
+
+
+if __name__ == "__main__":
+    main()

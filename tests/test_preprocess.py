@@ -1,0 +1,269 @@
+"""Preprocessing: raw S2EF / IS2RE files -> sharded LMDB graphs, and the dataset layer on top."""
+
+from __future__ import annotations
+
+import lzma
+import pickle
+import subprocess
+import sys
+
+import ase.io
+import lmdb
+import numpy as np
+import pytest
+import torch
+from conftest import tool_env
+from torch.utils.data import DataLoader
+
+from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
+from graphpar.data.graph import atoms_to_sample
+from graphpar.data.lmdb import iter_pyg_lmdb
+from graphpar.data.mini import SPLITS, MiniConfig, generate
+from graphpar.preprocess import PreprocessError, preprocess, read_txt
+
+pytestmark = pytest.mark.timeout(600)
+
+TINY = {
+    "seed": 11,
+    "systems": {"train": 4, "val_id": 2, **{s: 0 for s in SPLITS if s not in ("train", "val_id")}},
+    "supercell": [2],
+    "facets": ["111", "100"],
+    "max_steps": 40,
+    "frames_per_file": 25,
+}
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    root = tmp_path_factory.mktemp("raw")
+    generate(MiniConfig.from_dict(TINY), root, workers=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def processed(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lmdb")
+    preprocess(
+        raw / "s2ef" / "train",
+        out / "s2ef",
+        workers=2,
+        ref_energy=True,
+        store_triplets="always",
+        progress=False,
+    )
+    preprocess(
+        raw / "s2ef" / "train",
+        out / "s2ef_lean",
+        workers=1,
+        ref_energy=True,
+        store_triplets="never",
+        progress=False,
+    )
+    preprocess(raw / "is2re" / "train" / "data.lmdb", out / "is2re", workers=2, progress=False)
+    return out
+
+
+def raw_frames(raw):
+    """{(sid, fid): (atoms, reference energy)} over every frame of the raw train split."""
+    frames = {}
+    for xyz in sorted((raw / "s2ef" / "train").glob("*.extxyz.xz")):
+        rows = read_txt(xyz.with_name(xyz.name.replace(".extxyz", ".txt")))
+        for atoms, (sid, fid, reference) in zip(ase.io.read(xyz, ":"), rows, strict=True):
+            frames[sid, fid] = (atoms, reference)
+    return frames
+
+
+def test_s2ef_round_trip_is_exact(raw, processed):
+    frames = raw_frames(raw)
+    dataset = LmdbDataset(processed / "s2ef")
+    assert len(dataset) == len(frames) == dataset.metadata["length"]
+    assert dataset.metadata["triplets_stored"] is True
+    seen = set()
+    for sample in dataset:
+        key = int(sample.sid), int(sample.fid)
+        seen.add(key)
+        atoms, reference = frames[key]
+        expected = atoms_to_sample(atoms, cutoff=6.0, max_neighbors=50)
+        for name in (
+            "pos",
+            "atomic_numbers",
+            "cell",
+            "tags",
+            "fixed",
+            "edge_index",
+            "cell_offsets",
+            "idx_kj",
+            "idx_ji",
+            "id3_ba",
+            "id3_ca",
+            "forces",
+        ):
+            assert torch.equal(sample[name], expected[name]), name
+        # --ref-energy: adsorption-style energy = total - reference, exactly.
+        assert float(sample.energy) == atoms.get_potential_energy() - reference
+    assert seen == set(frames)
+    sizes = dataset.sizes("edges")
+    assert sizes.sum() == sum(s.edge_index.shape[1] for s in dataset)
+
+
+def test_is2re_keeps_initial_and_relaxed_positions_and_energies(raw, processed):
+    dataset = LmdbDataset(processed / "is2re")
+    originals = [attrs for _, attrs in iter_pyg_lmdb(raw / "is2re" / "train" / "data.lmdb")]
+    assert len(dataset) == len(originals) > 0
+    for sample, original in zip(dataset, originals, strict=True):
+        assert int(sample.sid) == int(original["sid"])
+        assert torch.equal(sample.pos, original["pos"])
+        assert torch.equal(sample.pos_relaxed, original["pos_relaxed"])
+        assert float(sample.energy_init) == float(original["y_init"])
+        assert float(sample.energy_relaxed) == float(original["y_relaxed"])
+        assert torch.equal(sample.fixed, original["fixed"].bool())
+
+
+def test_triplets_built_in_loader_workers_equal_stored_ones(processed):
+    stored = LmdbDataset(processed / "s2ef", triplets=("dimenetpp", "gemnet"))
+    lean = LmdbDataset(processed / "s2ef_lean", triplets=("dimenetpp", "gemnet"))
+    assert lean.metadata["triplets_stored"] is False
+    assert "idx_kj" not in LmdbDataset(processed / "s2ef_lean")[0]
+    by_key = {(int(s.sid), int(s.fid)): s for s in stored}
+    loader = DataLoader(lean, batch_size=None, num_workers=2)  # in order: index k is sample k
+    count = 0
+    for index, sample in enumerate(loader):
+        reference = by_key[int(sample.sid), int(sample.fid)]
+        for name in (
+            "idx_kj",
+            "idx_ji",
+            "edge_index_sym",
+            "cell_offsets_sym",
+            "id_swap",
+            "id3_ba",
+            "id3_ca",
+        ):
+            assert torch.equal(sample[name], reference[name]), name
+        # The counts stored for load balancing match the triplets the loader built.
+        assert lean.sizes("triplets_dimenetpp")[index] == len(sample.idx_kj)
+        assert lean.sizes("triplets_gemnet")[index] == len(sample.id3_ba)
+        count += 1
+    assert count == len(stored)
+
+
+def edge_vectors(pos, cell, edge_index, cell_offsets, cell_of_edge):
+    j, i = edge_index
+    shift = torch.einsum("ek,ekl->el", cell_offsets.to(cell.dtype), cell[cell_of_edge])
+    return pos[i] - (pos[j] + shift)
+
+
+def per_structure_quantities(batch):
+    """Model-free sums per structure over edges and both kinds of triplets."""
+    structures = int(batch.num_graphs)
+    edge_graph = batch.batch[batch.edge_index[1]]
+    vectors = edge_vectors(batch.pos, batch.cell, batch.edge_index, batch.cell_offsets, edge_graph)
+    lengths = torch.zeros(structures).index_add_(0, edge_graph, vectors.norm(dim=1))
+    cos_kj_ji = torch.nn.functional.cosine_similarity(vectors[batch.idx_kj], vectors[batch.idx_ji])
+    dimenet = torch.zeros(structures).index_add_(0, edge_graph[batch.idx_ji], cos_kj_ji)
+
+    sym_graph = batch.batch[batch.edge_index_sym[1]]
+    sym = edge_vectors(
+        batch.pos, batch.cell, batch.edge_index_sym, batch.cell_offsets_sym, sym_graph
+    )
+    cos_ba_ca = torch.nn.functional.cosine_similarity(sym[batch.id3_ba], sym[batch.id3_ca])
+    gemnet = torch.zeros(structures).index_add_(0, sym_graph[batch.id3_ca], cos_ba_ca)
+    swapped = (sym + sym[batch.id_swap]).abs().max()  # a reversed edge is the negated vector
+    return torch.stack([lengths, dimenet, gemnet], dim=1), swapped
+
+
+def test_batches_carry_correct_offsets(processed):
+    dataset = LmdbDataset(processed / "s2ef")
+    samples = [dataset[i] for i in (0, 5, 9, 13)]
+    batch = collate(samples)
+    batched, swapped = per_structure_quantities(batch)
+    alone = torch.cat([per_structure_quantities(collate([s]))[0] for s in samples])
+    torch.testing.assert_close(batched, alone)
+    assert swapped < 1e-4
+    assert torch.equal(batch.free, ~batch.fixed)
+    assert batch.energy.shape == (4,) and batch.natoms.tolist() == [int(s.natoms) for s in samples]
+
+
+def test_sampler_is_deterministic_balanced_and_covers_each_global_batch():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(10, 1000, size=103)
+    make = lambda rank, seed=1: BalancedBatchSampler(sizes, 4, num_replicas=3, rank=rank, seed=seed)  # noqa: E731
+    samplers = [make(rank) for rank in range(3)]
+    for sampler in samplers:
+        sampler.set_epoch(2)
+    steps = [list(sampler) for sampler in samplers]
+    again = make(0)
+    again.set_epoch(2)
+    assert list(again) == steps[0]
+    other_epoch = make(0)
+    other_epoch.set_epoch(3)
+    assert list(other_epoch) != steps[0]
+    assert len(steps[0]) == len(samplers[0]) == 9
+    seen = []
+    for step in range(len(steps[0])):
+        parts = [steps[rank][step] for rank in range(3)]
+        assert all(parts), "every rank gets at least one sample"
+        seen += [i for part in parts for i in part]
+        loads = [sizes[part].sum() for part in parts]
+        if step < 8:  # full global batches of 12 balance well
+            assert max(loads) <= 1.35 * np.mean(loads)
+    assert set(seen) == set(range(103))
+
+
+def test_balanced_partition_is_greedy_lpt():
+    parts = balanced_partition(np.array([5, 4, 3, 3, 1]), 2)
+    assert [p.tolist() for p in parts] == [[0, 3], [1, 2, 4]]
+
+
+def test_frame_count_mismatch_is_a_clear_error(raw, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    xyz = sorted((raw / "s2ef" / "train").glob("*.extxyz.xz"))[0]
+    (bad / "0.extxyz.xz").write_bytes(xyz.read_bytes())
+    with lzma.open(xyz.with_name(xyz.name.replace(".extxyz", ".txt")), "rt") as f:
+        lines = f.read()
+    with lzma.open(bad / "0.txt.xz", "wt") as f:
+        f.write("".join(lines.splitlines(keepends=True)[:-1]))
+    with pytest.raises(PreprocessError, match=r"0\.extxyz\.xz has \d+ frames but 0\.txt\.xz"):
+        preprocess(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_xz_is_a_clear_error(raw, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    xyz = sorted((raw / "s2ef" / "train").glob("*.extxyz.xz"))[0]
+    data = xyz.read_bytes()
+    (bad / "0.extxyz.xz").write_bytes(data[: len(data) // 2])
+    txt = xyz.with_name(xyz.name.replace(".extxyz", ".txt"))
+    (bad / "0.txt.xz").write_bytes(txt.read_bytes())
+    with pytest.raises(PreprocessError, match="0.extxyz.xz"):
+        preprocess(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+class Exploit:
+    def __reduce__(self):
+        return (print, ("owned",))
+
+
+def test_disallowed_pickle_is_refused_naming_file_and_key(tmp_path):
+    path = tmp_path / "data.lmdb"
+    env = lmdb.open(str(path), subdir=False, lock=False, map_size=2**20)
+    with env.begin(write=True) as txn:
+        txn.put(b"0", pickle.dumps(Exploit()))
+    env.close()
+    with pytest.raises(
+        PreprocessError, match=r"builtins\.print.*data\.lmdb.*'0'|data\.lmdb.*builtins\.print"
+    ):
+        preprocess(path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "graphpar.preprocess", "--help"],
+        capture_output=True,
+        text=True,
+        env=tool_env(),
+    )
+    assert result.returncode == 0 and "--store-triplets" in result.stdout
