@@ -25,6 +25,7 @@ from the stored edges (design.md section 2).
 from __future__ import annotations
 
 import argparse
+import io
 import lzma
 import multiprocessing
 import re
@@ -34,11 +35,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import ase.io
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from graphpar.data.graph import atoms_to_sample
+from graphpar.data.graph import atoms_to_sample, triplet_counts
 from graphpar.data.lmdb import (
     LmdbFormatError,
     ShardWriter,
@@ -108,11 +110,14 @@ def read_txt(path: Path) -> list[tuple[int, int, float]]:
 
 def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
     """(ase.Atoms, labels) for every frame of one extxyz file and its txt file."""
-    import ase.io
-
     rows = read_txt(txt)
+    opener = lzma.open if xyz.name.endswith(".xz") else open
     try:
-        frames = ase.io.read(xyz, index=":", format="extxyz")
+        # Decompress once into memory: ASE seeks between frames, and every seek in an xz stream
+        # decompresses from the start (quadratic; 60x slower on a 1000-frame file).
+        with opener(xyz, "rt") as file:
+            text = io.StringIO(file.read())
+        frames = ase.io.read(text, index=":", format="extxyz")
     except (lzma.LZMAError, EOFError, ValueError, IndexError) as error:
         raise PreprocessError(f"{xyz}: cannot read: {error}") from error
     if len(frames) != len(rows):
@@ -130,7 +135,10 @@ def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
 def build_sample(atoms, labels: dict, options: Options) -> tuple[dict, dict]:
     """One structure -> (fields to store, per-sample metadata row)."""
     sample = atoms_to_sample(
-        atoms, cutoff=options.cutoff, max_neighbors=options.max_neighbors, triplets=True
+        atoms,
+        cutoff=options.cutoff,
+        max_neighbors=options.max_neighbors,
+        triplets=options.store_triplets,
     )
     fields = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in sample}
     reference = labels.pop("reference_energy", None)
@@ -139,16 +147,21 @@ def build_sample(atoms, labels: dict, options: Options) -> tuple[dict, dict]:
             raise PreprocessError("--ref-energy needs reference energies (S2EF txt files)")
         fields["energy"] = fields["energy"] - reference
     fields.update(labels)
+
+    if options.store_triplets:
+        counts = len(sample.idx_kj), len(sample.id3_ba)
+    else:  # counted without building them: the loader builds them when a model needs them
+        num_edges = torch.tensor([sample.edge_index.shape[1]])
+        dimenet, gemnet = triplet_counts(
+            sample.edge_index, sample.cell_offsets, len(atoms), num_edges
+        )
+        counts = int(dimenet[0]), int(gemnet[0])
     row = {
         "natoms": len(atoms),
-        "num_edges": fields["edge_index"].shape[1],
-        "num_triplets_dimenetpp": len(fields["idx_kj"]),
-        "num_triplets_gemnet": len(fields["id3_ba"]),
+        "num_edges": sample.edge_index.shape[1],
+        "num_triplets_dimenetpp": counts[0],
+        "num_triplets_gemnet": counts[1],
     }
-    if not options.store_triplets:
-        for names in TRIPLET_FIELDS.values():
-            for name in names:
-                fields.pop(name)
     return fields, row
 
 
@@ -306,7 +319,7 @@ def preprocess(
     max_neighbors: int | None = 50,
     ref_energy: bool = False,
     store_triplets: str = "auto",
-    triplet_budget_gb: float = 2.0,
+    triplet_budget_gb: float = 0.5,
     progress: bool = True,
 ) -> dict:
     """Preprocess `source` (S2EF directory or pickled-PyG LMDB) into the shard directory `out`.
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="store triplet indices (auto: when within --triplet-budget-gb)",
     )
-    parser.add_argument("--triplet-budget-gb", type=float, default=2.0, help="default 2")
+    parser.add_argument("--triplet-budget-gb", type=float, default=0.5, help="default 0.5")
     args = parser.parse_args(argv)
     try:
         metadata = preprocess(
