@@ -10,7 +10,7 @@ import hashlib
 import http.server
 import io
 import lzma
-import os
+import pickle
 import random
 import re
 import socket
@@ -23,12 +23,10 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from conftest import tool_env
 
-SRC = Path(__file__).resolve().parents[1] / "src"
-if str(SRC) not in sys.path:
-    sys.path.insert(0, str(SRC))  # the tests must also run before the package is installed
-
-from graphpar.data import oc20  # noqa: E402
+from graphpar.data import oc20
+from graphpar.data.lmdb import pyg_lmdb_length
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -165,7 +163,7 @@ def make_lmdb(path: Path, entries: int, *, length_key: bool) -> bytes:
         for index in range(entries):
             txn.put(str(index).encode("ascii"), b"pickled data object %d" % index)
         if length_key:
-            txn.put(b"length", str(entries).encode("ascii"))
+            txn.put(b"length", pickle.dumps(entries))  # as OC20 writes it
     env.close()
     return path.read_bytes()
 
@@ -219,7 +217,7 @@ def test_archive_lookups():
 
 def test_module_imports_without_torch():
     code = "import sys, graphpar.data.oc20; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], env=_env_with_src(), check=True)
+    subprocess.run([sys.executable, "-c", code], env=tool_env(), check=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,7 +564,7 @@ def test_extract_s2ef_test_lmdb_shards(tmp_path):
         "test_id": 5,
         "test_ood_ads": 4,
     }
-    assert oc20.lmdb_entries(root / "s2ef" / "test_id" / "data.0001.lmdb") == 2
+    assert pyg_lmdb_length(root / "s2ef" / "test_id" / "data.0001.lmdb") == 2
 
 
 @pytest.fixture
@@ -603,7 +601,7 @@ def test_extract_is2re(is2re_tar, tmp_path):
     for split in archive.splits:
         assert [p.name for p in (root / "is2re" / split).iterdir()] == ["data.lmdb"]
         assert summary["splits"][split]["found"] == archive.counts[split]
-    assert oc20.lmdb_entries(root / "is2re" / "train_100k" / "data.lmdb") == 3
+    assert pyg_lmdb_length(root / "is2re" / "train_100k" / "data.lmdb") == 3
 
 
 def test_is2re_count_mismatch_leaves_no_split(is2re_tar, tmp_path):
@@ -620,15 +618,10 @@ def test_is2re_count_mismatch_leaves_no_split(is2re_tar, tmp_path):
 # Command line
 
 
-def _env_with_src() -> dict[str, str]:
-    pythonpath = [str(SRC), *filter(None, [os.environ.get("PYTHONPATH")])]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(pythonpath)}
-
-
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "graphpar.data.oc20", *args],
-        env=_env_with_src(),
+        env=tool_env(),
         capture_output=True,
         text=True,
         timeout=60,

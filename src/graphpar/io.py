@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -81,3 +82,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented, key-sorted JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def count_lines(path: str | os.PathLike) -> int:
+    """Lines of a text file, `.xz`-compressed or not (a last line may lack its newline)."""
+    path = Path(path)
+    opener = lzma.open if path.name.endswith(".xz") else open
+    lines = 0
+    last = b"\n"
+    with opener(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")

@@ -50,7 +50,7 @@ from graphpar.data.lmdb import (
     shard_name,
     write_metadata,
 )
-from graphpar.io import atomic_directory
+from graphpar.io import atomic_directory, count_lines
 
 # Errors that mean bad input: reported as one clear line naming the file (and sample).
 INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError)
@@ -202,12 +202,6 @@ def pyg_to_atoms(attributes: dict):
 
 
 # ---- planning and workers -------------------------------------------------------------------
-
-
-def count_lines(path: Path) -> int:
-    opener = lzma.open if path.name.endswith(".xz") else open
-    with opener(path, "rb") as file:
-        return sum(1 for _ in file)
 
 
 def plan(source: Path, workers: int) -> tuple[str, list[list], int]:

@@ -35,11 +35,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import lmdb
 from tqdm import tqdm
 
 from graphpar import __version__
-from graphpar.io import atomic_path, replace_directory, write_json
+from graphpar.data.lmdb import LmdbFormatError, UnsafePickleError, pyg_lmdb_length
+from graphpar.io import atomic_path, count_lines, replace_directory, write_json
 
 log = logging.getLogger(__name__)
 
@@ -609,43 +609,19 @@ def _stream_into_staging(
     return files
 
 
-def _count_lines(path: Path) -> int:
-    """The number of lines of a text file, `.xz`-compressed or not (a last line may lack \\n)."""
-    opener = lzma.open if path.name.endswith(".xz") else open
-    lines = 0
-    last = b"\n"
-    with opener(path, "rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    return lines + (last != b"\n")
-
-
-def lmdb_entries(path: str | os.PathLike) -> int:
-    """The number of data entries of an LMDB file, not counting a `length` bookkeeping key."""
-    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False)
-    try:
-        entries = env.stat()["entries"]
-        with env.begin() as txn:
-            has_length_key = txn.get(b"length") is not None
-    finally:
-        env.close()
-    return entries - int(has_length_key)
-
-
 def _count_split(archive: Archive, split_dir: Path) -> int:
     """Frames (S2EF text), or entries (LMDB), found in one staged split directory."""
     if archive.kind == S2EF:
         texts = [p for p in split_dir.iterdir() if p.name.endswith((".txt.xz", ".txt"))]
-        return sum(_count_lines(path) for path in texts)
-    return sum(lmdb_entries(path) for path in split_dir.iterdir() if path.name.endswith(".lmdb"))
+        return sum(count_lines(path) for path in texts)
+    return sum(pyg_lmdb_length(path) for path in split_dir.iterdir() if path.name.endswith(".lmdb"))
 
 
 def _verify_count(archive: Archive, split: str, staging: Path, tar_path: Path) -> int:
     """Count a staged split and compare it with the catalogue; returns the count found."""
     try:
         found = _count_split(archive, staging / archive.split_dir(split))
-    except (lzma.LZMAError, EOFError, lmdb.Error) as error:
+    except (lzma.LZMAError, EOFError, LmdbFormatError, UnsafePickleError) as error:
         raise ExtractError(f"{tar_path}: split {split}: cannot count entries: {error}") from error
     expected = archive.counts[split]
     unit = "systems" if archive.kind == IS2RE else "frames"
