@@ -84,13 +84,16 @@ def write_json(path: str | os.PathLike, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def open_text_or_xz(path: str | os.PathLike, mode: str = "rt"):
+    """Open a file, decompressing on the fly when its name ends in `.xz` (OC20's raw files)."""
+    return lzma.open(path, mode) if str(path).endswith(".xz") else open(path, mode)
+
+
 def count_lines(path: str | os.PathLike) -> int:
     """Lines of a text file, `.xz`-compressed or not (a last line may lack its newline)."""
-    path = Path(path)
-    opener = lzma.open if path.name.endswith(".xz") else open
     lines = 0
     last = b"\n"
-    with opener(path, "rb") as file:
+    with open_text_or_xz(path, "rb") as file:
         while chunk := file.read(1 << 20):
             lines += chunk.count(b"\n")
             last = chunk[-1:]

@@ -50,7 +50,7 @@ from graphpar.data.lmdb import (
     shard_name,
     write_metadata,
 )
-from graphpar.io import atomic_directory, count_lines
+from graphpar.io import atomic_directory, count_lines, open_text_or_xz
 
 # Errors that mean bad input: reported as one clear line naming the file (and sample).
 INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError)
@@ -97,9 +97,8 @@ def s2ef_file_pairs(directory: Path) -> list[tuple[Path, Path]]:
 
 def read_txt(path: Path) -> list[tuple[int, int, float]]:
     """(sid, fid, reference energy eV) per line of an OC20 S2EF txt file."""
-    opener = lzma.open if path.name.endswith(".xz") else open
     rows = []
-    with opener(path, "rt") as file:
+    with open_text_or_xz(path) as file:
         for number, line in enumerate(file, start=1):
             match = TXT_LINE.match(line.strip())
             if not match:
@@ -111,11 +110,10 @@ def read_txt(path: Path) -> list[tuple[int, int, float]]:
 def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
     """(ase.Atoms, labels) for every frame of one extxyz file and its txt file."""
     rows = read_txt(txt)
-    opener = lzma.open if xyz.name.endswith(".xz") else open
     try:
         # Decompress once into memory: ASE seeks between frames, and every seek in an xz stream
         # decompresses from the start (quadratic; 60x slower on a 1000-frame file).
-        with opener(xyz, "rt") as file:
+        with open_text_or_xz(xyz) as file:
             text = io.StringIO(file.read())
         frames = ase.io.read(text, index=":", format="extxyz")
     except (lzma.LZMAError, EOFError, ValueError, IndexError) as error:
