@@ -476,7 +476,9 @@ def _reverse_edges(edge_index: Tensor, cell_offsets: Tensor, num_nodes: int) -> 
     found = (reverse_code >= 0) & (column >= 0) & (column < span[source])
 
     slot = (target * columns + source - low[target]) * num_codes + code
-    wanted = (source * columns + column.clamp(min=0)) * num_codes + reverse_code.clamp(min=0)
+    # Clamped so that edges without a reverse still index inside the table (result unused).
+    wanted = (source * columns + column.clamp(0, columns - 1)) * num_codes
+    wanted += reverse_code.clamp(min=0)
     rows_per_chunk = max(1, _MAX_CANDIDATES // (columns * num_codes))
     ids = torch.arange(num_edges, device=device)
     for first in range(0, num_nodes, rows_per_chunk):
