@@ -1,0 +1,421 @@
+"""DimeNet++ (Gasteiger et al. 2020), energy-centric, periodic, with graph parallelism.
+
+Blocks and parameter names are PyG's `torch_geometric.nn.models.dimenet.DimeNetPlusPlus`
+(OCP's `dimenetplusplus` uses the same blocks), so `model.load_state_dict(pyg.state_dict())`
+works. Differences from PyG/OCP:
+
+* the graph comes from the batch (`edge_index`, `cell_offsets`, and `idx_kj`/`idx_ji` when
+  present, else `graphpar.data.graph.dimenet_triplets`); edge vectors include the periodic image
+  shift `cell_offsets @ cell` and positions are never detached;
+* the angular basis is evaluated from cos(alpha) = <v_kj, v_ji> / (|v_kj| |v_ji|) instead of
+  atan2 (see `graphpar.models.basis`), so collinear triplets have finite forces;
+* forces = -dE/dpos by autograd (`create_graph` while training);
+* graph parallelism (design.md section 3), the identity for G = 1: each rank of the
+  graph-parallel group owns a contiguous slice of the edges balanced by triplet count
+  (`partition_edges`) and the triplets whose output edge j->i it owns; the down-projected `x_kj`
+  is all-gathered for the triplets' input edges; edge-to-atom sums are local scatters followed
+  by an all-reduce; the per-atom output MLPs are replicated work, their parameters wrapped in
+  `scale_replicated`. Every communication is marked `# Graph parallel:`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import Embedding, Linear
+
+from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
+from graphpar.parallel import (
+    copy_to_partitioned,
+    gather_for_partitioned,
+    get_dims,
+    local_triplets,
+    partition_edges,
+    reduce_partial,
+    scale_replicated,
+)
+
+__all__ = [
+    "DimeNetPlusPlus",
+    "EmbeddingBlock",
+    "InteractionPPBlock",
+    "OutputPPBlock",
+    "ResidualLayer",
+    "glorot_orthogonal",
+]
+
+
+def glorot_orthogonal(tensor: Tensor, scale: float) -> None:
+    """PyG's/DimeNet's initialiser: a random orthogonal matrix rescaled to variance
+    scale / (fan_in + fan_out). A no-op on the meta device (parameter counting)."""
+    if tensor.is_meta:
+        return
+    with torch.no_grad():
+        nn.init.orthogonal_(tensor)
+        tensor.mul_((scale / ((tensor.size(-2) + tensor.size(-1)) * tensor.var())).sqrt())
+
+
+def _scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
+    out = src.new_zeros((dim_size, *src.shape[1:]))
+    return out.index_add(0, index, src)
+
+
+def _replicated_linear(lin: Linear, x: Tensor) -> Tensor:
+    """`lin(x)` as replicated work: the same on every rank of the graph-parallel group, so the
+    parameters' gradients are scaled by 1/G here (`scale_replicated`, see `sync_gradients`)."""
+    bias = None if lin.bias is None else scale_replicated(lin.bias)
+    return F.linear(x, scale_replicated(lin.weight), bias)
+
+
+class EmbeddingBlock(nn.Module):
+    """Initial edge embedding m_ji = act(W [h_i, h_j, act(W_rbf e_RBF(d_ji))])."""
+
+    def __init__(self, num_radial: int, hidden_channels: int, act: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.act = act
+        self.emb = Embedding(95, hidden_channels)
+        self.lin_rbf = Linear(num_radial, hidden_channels)
+        self.lin = Linear(3 * hidden_channels, hidden_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.emb.weight.is_meta:
+            with torch.no_grad():
+                self.emb.weight.uniform_(-(3**0.5), 3**0.5)
+        self.lin_rbf.reset_parameters()
+        self.lin.reset_parameters()
+
+    def forward(self, x: Tensor, rbf: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        # Only the rows of this rank's edges are read: partitioned work, no gradient scaling.
+        x = self.emb(x)
+        rbf = self.act(self.lin_rbf(rbf))
+        return self.act(self.lin(torch.cat([x[i], x[j], rbf], dim=-1)))
+
+
+class ResidualLayer(nn.Module):
+    def __init__(self, hidden_channels: int, act: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.act = act
+        self.lin1 = Linear(hidden_channels, hidden_channels)
+        self.lin2 = Linear(hidden_channels, hidden_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.lin1, self.lin2):
+            glorot_orthogonal(lin.weight, scale=2.0)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.act(self.lin2(self.act(self.lin1(x))))
+
+
+class InteractionPPBlock(nn.Module):
+    """DimeNet++ interaction: message update of every edge j->i from the triplets k->j->i."""
+
+    def __init__(
+        self,
+        hidden_channels: int,
+        int_emb_size: int,
+        basis_emb_size: int,
+        num_spherical: int,
+        num_radial: int,
+        num_before_skip: int,
+        num_after_skip: int,
+        act: Callable[[Tensor], Tensor],
+    ):
+        super().__init__()
+        self.act = act
+        self.lin_rbf1 = Linear(num_radial, basis_emb_size, bias=False)
+        self.lin_rbf2 = Linear(basis_emb_size, hidden_channels, bias=False)
+        self.lin_sbf1 = Linear(num_spherical * num_radial, basis_emb_size, bias=False)
+        self.lin_sbf2 = Linear(basis_emb_size, int_emb_size, bias=False)
+        self.lin_kj = Linear(hidden_channels, hidden_channels)
+        self.lin_ji = Linear(hidden_channels, hidden_channels)
+        self.lin_down = Linear(hidden_channels, int_emb_size, bias=False)
+        self.lin_up = Linear(int_emb_size, hidden_channels, bias=False)
+        self.layers_before_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_before_skip)]
+        )
+        self.lin = Linear(hidden_channels, hidden_channels)
+        self.layers_after_skip = nn.ModuleList(
+            [ResidualLayer(hidden_channels, act) for _ in range(num_after_skip)]
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.lin_rbf1, self.lin_rbf2, self.lin_sbf1, self.lin_sbf2):
+            glorot_orthogonal(lin.weight, scale=2.0)
+        for lin in (self.lin_kj, self.lin_ji):
+            glorot_orthogonal(lin.weight, scale=2.0)
+            nn.init.zeros_(lin.bias)
+        glorot_orthogonal(self.lin_down.weight, scale=2.0)
+        glorot_orthogonal(self.lin_up.weight, scale=2.0)
+        for layer in self.layers_before_skip:
+            layer.reset_parameters()
+        glorot_orthogonal(self.lin.weight, scale=2.0)
+        nn.init.zeros_(self.lin.bias)
+        for layer in self.layers_after_skip:
+            layer.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        rbf: Tensor,
+        sbf: Tensor,
+        idx_kj: Tensor,
+        idx_ji: Tensor,
+        edge_sizes: Sequence[int] | None = None,
+    ) -> Tensor:
+        """x, rbf: this rank's edges; sbf, idx_ji (local edge ids): its triplets; idx_kj: global
+        edge ids, rows of the gathered x_kj. `edge_sizes`: edges per rank (None: serial)."""
+        x_ji = self.act(self.lin_ji(x))
+        x_kj = self.act(self.lin_kj(x))
+        x_kj = x_kj * self.lin_rbf2(self.lin_rbf1(rbf))
+        x_kj = self.act(self.lin_down(x_kj))
+        if edge_sizes is not None:
+            # Graph parallel: all-gather of the down-projected input-edge features (the narrowest
+            # tensor on the triplet path); backward reduce-scatters into each owner's slice.
+            x_kj = gather_for_partitioned(x_kj, edge_sizes)
+        sbf = self.lin_sbf2(self.lin_sbf1(sbf))
+        x_kj = x_kj[idx_kj] * sbf
+        x_kj = _scatter_sum(x_kj, idx_ji, x.size(0))
+        x_kj = self.act(self.lin_up(x_kj))
+
+        h = x_ji + x_kj
+        for layer in self.layers_before_skip:
+            h = layer(h)
+        h = self.act(self.lin(h)) + x
+        for layer in self.layers_after_skip:
+            h = layer(h)
+        return h
+
+
+class OutputPPBlock(nn.Module):
+    """Per-atom output: sum of W_rbf e_RBF * m_ji over edges into i, then an MLP."""
+
+    def __init__(
+        self,
+        num_radial: int,
+        hidden_channels: int,
+        out_emb_channels: int,
+        out_channels: int,
+        num_layers: int,
+        act: Callable[[Tensor], Tensor],
+        output_initializer: str = "zeros",
+    ):
+        if output_initializer not in {"zeros", "glorot_orthogonal"}:
+            raise ValueError(f"unknown output_initializer {output_initializer!r}")
+        super().__init__()
+        self.act = act
+        self.output_initializer = output_initializer
+        self.lin_rbf = Linear(num_radial, hidden_channels, bias=False)
+        self.lin_up = Linear(hidden_channels, out_emb_channels, bias=False)
+        self.lins = nn.ModuleList(
+            [Linear(out_emb_channels, out_emb_channels) for _ in range(num_layers)]
+        )
+        self.lin = Linear(out_emb_channels, out_channels, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        glorot_orthogonal(self.lin_rbf.weight, scale=2.0)
+        glorot_orthogonal(self.lin_up.weight, scale=2.0)
+        for lin in self.lins:
+            glorot_orthogonal(lin.weight, scale=2.0)
+            nn.init.zeros_(lin.bias)
+        if self.output_initializer == "zeros":
+            nn.init.zeros_(self.lin.weight)
+        else:
+            glorot_orthogonal(self.lin.weight, scale=2.0)
+
+    def forward(self, x: Tensor, rbf: Tensor, i: Tensor, num_nodes: int) -> Tensor:
+        """x, rbf, i: this rank's edges; returns [num_nodes, out_channels] on every rank."""
+        x = self.lin_rbf(rbf) * x
+        # Graph parallel: local scatter of this rank's edges, then all-reduce of the partial sums.
+        x = reduce_partial(_scatter_sum(x, i, num_nodes))
+        # Replicated per-atom work from here: parameter gradients scaled by 1/G.
+        x = _replicated_linear(self.lin_up, x)
+        for lin in self.lins:
+            x = self.act(_replicated_linear(lin, x))
+        return _replicated_linear(self.lin, x)
+
+
+class DimeNetPlusPlus(nn.Module):
+    """DimeNet++ for energies and forces of (periodic) structures.
+
+    `model(batch) -> {"energy": [B], "forces": [N, 3]}` (energy [B, out_channels] if
+    out_channels > 1; forces only with `regress_forces`). The batch is a `graphpar.data` batch
+    (`pos`, `atomic_numbers`, `cell` [B,3,3], `natoms`, `batch`, `edge_index`, `cell_offsets`,
+    optionally `idx_kj`/`idx_ji`). Energy per structure = sum of its atoms' outputs.
+
+    Hyperparameters (default, source). PyG = `torch_geometric.nn.models.DimeNetPlusPlus`,
+    OCP = fairchem `ocpmodels/models/dimenet_plus_plus.py` and its S2EF configs [DPPCODE, CFG-DPP]:
+
+    * hidden_channels (192, OCP dpp.yml): edge embedding size.
+    * out_channels (1, OCP): outputs per atom (energy).
+    * num_blocks (3, OCP dpp.yml): interaction blocks.
+    * int_emb_size (64, OCP/PyG QM9 setting): triplet embedding size after `lin_down`.
+    * basis_emb_size (8, OCP/PyG): basis embedding size.
+    * out_emb_channels (192, OCP dpp.yml): output MLP width.
+    * num_spherical (7, OCP/PyG): angular orders l.
+    * num_radial (6, OCP/PyG): radial functions.
+    * cutoff (6.0 A, OCP S2EF; PyG's default is 5.0).
+    * envelope_exponent (5, OCP/PyG).
+    * num_before_skip (1, OCP/PyG), num_after_skip (2, OCP/PyG): residual layers.
+    * num_output_layers (3, OCP/PyG): layers of each output MLP.
+    * act ("swish" = SiLU, OCP/PyG).
+    * output_initializer ("zeros", PyG; OCP initialises the last output layer to zeros too).
+    * regress_forces (True, OCP): forces = -dE/dpos.
+    """
+
+    def __init__(
+        self,
+        hidden_channels: int = 192,
+        out_channels: int = 1,
+        num_blocks: int = 3,
+        int_emb_size: int = 64,
+        basis_emb_size: int = 8,
+        out_emb_channels: int = 192,
+        num_spherical: int = 7,
+        num_radial: int = 6,
+        cutoff: float = 6.0,
+        envelope_exponent: int = 5,
+        num_before_skip: int = 1,
+        num_after_skip: int = 2,
+        num_output_layers: int = 3,
+        act: str = "swish",
+        output_initializer: str = "zeros",
+        regress_forces: bool = True,
+    ):
+        super().__init__()
+        if num_spherical < 2:
+            raise ValueError("num_spherical must be > 1")
+        if act not in {"swish", "silu"}:
+            raise ValueError(f"unsupported activation {act!r}")
+        act_fn = F.silu
+        self.cutoff = cutoff
+        self.num_blocks = num_blocks
+        self.out_channels = out_channels
+        self.regress_forces = regress_forces
+
+        self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
+        self.sbf = SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
+        self.emb = EmbeddingBlock(num_radial, hidden_channels, act_fn)
+        self.output_blocks = nn.ModuleList(
+            [
+                OutputPPBlock(
+                    num_radial,
+                    hidden_channels,
+                    out_emb_channels,
+                    out_channels,
+                    num_output_layers,
+                    act_fn,
+                    output_initializer,
+                )
+                for _ in range(num_blocks + 1)
+            ]
+        )
+        self.interaction_blocks = nn.ModuleList(
+            [
+                InteractionPPBlock(
+                    hidden_channels,
+                    int_emb_size,
+                    basis_emb_size,
+                    num_spherical,
+                    num_radial,
+                    num_before_skip,
+                    num_after_skip,
+                    act_fn,
+                )
+                for _ in range(num_blocks)
+            ]
+        )
+
+    def reset_parameters(self) -> None:
+        self.rbf.reset_parameters()
+        self.emb.reset_parameters()
+        for block in self.output_blocks:
+            block.reset_parameters()
+        for block in self.interaction_blocks:
+            block.reset_parameters()
+
+    def forward(self, batch) -> dict[str, Tensor]:
+        grad_enabled = torch.is_grad_enabled()
+        pos = batch.pos
+        if self.regress_forces and not pos.requires_grad:
+            pos = pos.detach().requires_grad_(True)
+        with torch.set_grad_enabled(grad_enabled or self.regress_forces):
+            energy = self.energy(batch, pos)
+            out = {"energy": energy}
+            if self.regress_forces:
+                # Training differentiates the force loss: keep the graph of the gradient.
+                create_graph = self.training and grad_enabled
+                (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=create_graph)
+                out["forces"] = -grad
+        if not grad_enabled:
+            out = {key: value.detach() for key, value in out.items()}
+        return out
+
+    def energy(self, batch, pos: Tensor) -> Tensor:
+        """Energies [B] (or [B, out_channels]) of the batch at positions `pos` [N, 3]."""
+        z = batch.atomic_numbers.long()
+        num_nodes = pos.size(0)
+        natoms = batch.natoms.reshape(-1)
+        structure = getattr(batch, "batch", None)
+        if structure is None:
+            structure = torch.repeat_interleave(
+                torch.arange(natoms.numel(), device=pos.device), natoms
+            )
+        edge_index = batch.edge_index
+        cell_offsets = batch.cell_offsets
+        idx_kj = getattr(batch, "idx_kj", None)
+        idx_ji = getattr(batch, "idx_ji", None)
+        if idx_kj is None or idx_ji is None:
+            from graphpar.data.graph import dimenet_triplets
+
+            idx_kj, idx_ji = dimenet_triplets(edge_index, cell_offsets, num_nodes)
+        num_edges = edge_index.size(1)
+
+        dims = get_dims()
+        size, rank = dims.gp_size, dims.gp_rank
+        if size > 1:
+            part = partition_edges(idx_ji, num_edges, size)
+            local = local_triplets(part, rank, idx_kj, idx_ji)
+            edges = part.slice(rank)
+            edge_sizes = part.sizes
+            # Graph parallel: replicated positions enter partitioned work (backward: all-reduce
+            # of this rank's partial position gradients).
+            pos = copy_to_partitioned(pos)
+            t_kj, t_ji, t_ji_local = local.input_edge, idx_ji[local.ids], local.output_edge
+        else:
+            edges = slice(0, num_edges)
+            edge_sizes = None
+            t_kj, t_ji, t_ji_local = idx_kj, idx_ji, idx_ji
+
+        # Geometry of every edge (cheap, parameter-free; triplets read other ranks' edges):
+        # vec_ji = pos[i] - (pos[j] + cell_offsets @ cell).
+        j, i = edge_index
+        cell = batch.cell.reshape(-1, 3, 3).to(pos.dtype)
+        shift = torch.einsum("ek,ekd->ed", cell_offsets.to(pos.dtype), cell[structure[i]])
+        vec = pos[i] - (pos[j] + shift)
+        dist = vec.norm(dim=-1)
+        # Angle between v_kj and v_ji through its cosine (PyG/OCP: atan2(|v x w|, <v, w>), whose
+        # gradient is undefined for collinear triplets).
+        cos_angle = (vec[t_kj] * vec[t_ji]).sum(-1) / (dist[t_kj] * dist[t_ji])
+
+        rbf = self.rbf(dist[edges])
+        sbf = self.sbf(dist, cos_angle, t_kj)
+        i_local, j_local = i[edges], j[edges]
+
+        x = self.emb(z, rbf, i_local, j_local)
+        energy_atoms = self.output_blocks[0](x, rbf, i_local, num_nodes)
+        for interaction, output in zip(
+            self.interaction_blocks, self.output_blocks[1:], strict=True
+        ):
+            x = interaction(x, rbf, sbf, t_kj, t_ji_local, edge_sizes)
+            energy_atoms = energy_atoms + output(x, rbf, i_local, num_nodes)
+
+        energy = _scatter_sum(energy_atoms, structure, natoms.numel())
+        return energy.squeeze(-1) if self.out_channels == 1 else energy

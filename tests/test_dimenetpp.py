@@ -1,0 +1,247 @@
+"""DimeNet++ against PyG's implementation, finite differences, symmetries, parameter counts, and
+graph parallelism in real gloo processes."""
+
+from __future__ import annotations
+
+import math
+import socket
+
+import dimenetpp_worker as dw
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from ase import Atoms
+from ase.build import add_adsorbate, fcc111, molecule
+from torch_geometric.nn.models import DimeNetPlusPlus as PygDimeNetPlusPlus
+
+from graphpar.data.dataset import collate
+from graphpar.data.graph import atoms_to_sample
+from graphpar.models import build_model, count_parameters
+from graphpar.models.basis import SphericalBasisLayer, spherical_bessel_roots
+from graphpar.models.dimenetpp import DimeNetPlusPlus
+
+TINY = dict(hidden_channels=16, out_emb_channels=16, int_emb_size=8, basis_emb_size=4)
+
+
+def batch_of(atoms_list, cutoff=6.0, max_neighbors=50):
+    batch = collate(
+        [atoms_to_sample(a, cutoff=cutoff, max_neighbors=max_neighbors) for a in atoms_list]
+    )
+    batch.pos = batch.pos.double()
+    batch.cell = batch.cell.double()
+    return batch
+
+
+def tiny_model(cutoff=6.0, seed=0):
+    torch.manual_seed(seed)
+    # A non-zero last layer, so the energy depends on every parameter.
+    model = DimeNetPlusPlus(
+        **TINY, num_blocks=2, cutoff=cutoff, output_initializer="glorot_orthogonal"
+    )
+    return model.double().eval()
+
+
+def slab(seed=0):
+    atoms = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)
+    add_adsorbate(atoms, "O", 1.5, "fcc")
+    atoms.rattle(0.05, seed=seed)
+    return atoms
+
+
+@pytest.fixture(scope="module")
+def pyg_model():
+    """PyG's DimeNet++ (tiny sizes, float64); building its sympy basis takes ~15 s."""
+    torch.manual_seed(1)
+    model = PygDimeNetPlusPlus(
+        hidden_channels=16,
+        out_channels=1,
+        num_blocks=2,
+        int_emb_size=8,
+        basis_emb_size=4,
+        out_emb_channels=16,
+        num_spherical=7,
+        num_radial=6,
+        cutoff=6.0,
+        output_initializer="glorot_orthogonal",
+    )
+    return model.double()
+
+
+def test_spherical_basis_matches_pyg(pyg_model):
+    """Same functions as PyG's sympy-generated basis. PyG builds its constants from float32
+    roots turned into 24-bit sympy Floats, so it is float32-accurate: compare to 1e-6 relative."""
+    torch.manual_seed(0)
+    ours = SphericalBasisLayer(7, 6, 6.0, 5).double()
+    theirs = pyg_model.sbf
+    dist = torch.rand(50, dtype=torch.float64) * 5.9 + 0.1
+    angle = torch.rand(80, dtype=torch.float64) * math.pi
+    idx = torch.randint(0, 50, (80,))
+    a, b = ours(dist, angle.cos(), idx), theirs(dist, angle, idx)
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-6
+    roots = spherical_bessel_roots(7, 6)
+    for order in range(7):  # interlacing of consecutive orders' roots
+        assert np.all(roots[order, :-1] < roots[min(order + 1, 6), :-1] + 1e-12)
+
+
+def pyg_energy(pyg, batch, pos, sbf_fn):
+    """PyG's DimeNet++ forward with our graph (its own radius_graph/triplets need pyg-lib)."""
+    j, i = batch.edge_index
+    idx_kj, idx_ji = batch.idx_kj, batch.idx_ji
+    idx_i, idx_j, idx_k = i[idx_ji], j[idx_ji], j[idx_kj]
+    dist = (pos[i] - pos[j]).pow(2).sum(dim=-1).sqrt()
+    pos_jk, pos_ij = pos[idx_j] - pos[idx_k], pos[idx_i] - pos[idx_j]
+    a = (pos_ij * pos_jk).sum(dim=-1)
+    b = torch.cross(pos_ij, pos_jk, dim=1).norm(dim=-1)
+    angle = torch.atan2(b, a)
+    rbf = pyg.rbf(dist)
+    sbf = sbf_fn(dist, angle, idx_kj)
+    x = pyg.emb(batch.atomic_numbers, rbf, i, j)
+    P = pyg.output_blocks[0](x, rbf, i, num_nodes=pos.size(0))
+    for interaction, output in zip(pyg.interaction_blocks, pyg.output_blocks[1:], strict=True):
+        x = interaction(x, rbf, sbf, idx_kj, idx_ji)
+        P = P + output(x, rbf, i, num_nodes=pos.size(0))
+    return P.sum(dim=0)
+
+
+def test_matches_pyg_dimenetpp(pyg_model):
+    atoms = molecule("CH3CH2OH")
+    atoms.center(vacuum=8.0)
+    atoms.pbc = False
+    batch = batch_of([atoms])
+    pyg = pyg_model
+    ours = DimeNetPlusPlus(**TINY, num_blocks=2, cutoff=6.0).double()
+    ours.load_state_dict(pyg.state_dict())
+    out = ours(batch)
+
+    pos = batch.pos.clone().requires_grad_(True)
+    for sbf_fn, tol in (
+        (lambda d, ang, idx: ours.sbf(d, ang.cos(), idx), 1e-10),  # same basis: the blocks agree
+        (pyg.sbf, 1e-6),  # PyG's own, float32-accurate basis
+    ):
+        energy = pyg_energy(pyg, batch, pos, sbf_fn)
+        (grad,) = torch.autograd.grad(energy.sum(), pos)
+        assert (
+            float((out["energy"] - energy).detach().abs().max() / energy.detach().abs().max()) < tol
+        )
+        assert float((out["forces"] + grad).detach().abs().max() / grad.detach().abs().max()) < tol
+
+
+def test_forces_are_finite_differences_on_periodic_slab():
+    atoms = slab()
+    batch = batch_of([atoms], cutoff=4.0)
+    assert bool(batch.cell_offsets.abs().sum(1).gt(0).any())
+    model = tiny_model(cutoff=4.0)
+    forces = model(batch)["forces"]
+    h = 1e-5
+    for atom in (0, 3, len(atoms) - 1):
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                shifted = batch.clone()
+                shifted.pos = batch.pos.clone()
+                shifted.pos[atom, axis] += sign * h
+                energies.append(model(shifted)["energy"].sum())
+            numeric = -(energies[0] - energies[1]) / (2 * h)
+            assert abs(float(numeric - forces[atom, axis])) < 1e-6 * max(1.0, abs(float(numeric)))
+
+
+def test_symmetries():
+    atoms = slab(seed=1)
+    model = tiny_model(cutoff=4.0)
+    ref = model(batch_of([atoms], cutoff=4.0))
+
+    # Rotate / translate the float64 batch itself (the graph is invariant): rebuilding it from
+    # ASE would round positions to float32.
+    rotation = _rotation()
+    batch = batch_of([atoms], cutoff=4.0)
+    batch.pos = batch.pos @ rotation.T
+    batch.cell = batch.cell @ rotation.T
+    out = model(batch)
+    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-10, atol=0)
+    assert torch.allclose(out["forces"], ref["forces"] @ rotation.T, atol=1e-10)
+
+    batch = batch_of([atoms], cutoff=4.0)
+    batch.pos = batch.pos + torch.tensor([0.3, -0.7, 0.2], dtype=torch.float64)
+    out = model(batch)
+    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-10, atol=0)
+    assert torch.allclose(out["forces"], ref["forces"], atol=1e-10)
+
+    perm = np.random.default_rng(0).permutation(len(atoms))
+    permuted = atoms[perm]
+    out = model(batch_of([permuted], cutoff=4.0))
+    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-9, atol=1e-9)
+    assert torch.allclose(out["forces"], ref["forces"][torch.as_tensor(perm)], atol=1e-9)
+
+
+def _rotation() -> torch.Tensor:
+    q, _ = torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    )
+    return q * torch.sign(torch.linalg.det(q))
+
+
+def test_collinear_triplets_have_finite_forces():
+    atoms = Atoms("CO2", positions=[[0, 0, 0], [1.16, 0, 0], [-1.16, 0, 0]], cell=[20, 20, 20])
+    atoms.center()
+    batch = batch_of([atoms])
+    assert batch.idx_kj.numel() > 0
+    model = tiny_model()
+    model.train()
+    out = model(batch)
+    assert torch.isfinite(out["forces"]).all()
+    out["forces"].pow(2).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_triplets_built_when_absent_and_batching():
+    atoms = [slab(0), slab(1)]
+    model = tiny_model(cutoff=4.0)
+    batch = batch_of(atoms, cutoff=4.0)
+    ref = model(batch)
+    del batch.idx_kj, batch.idx_ji
+    out = model(batch)
+    assert torch.equal(out["energy"], ref["energy"]) and out["energy"].shape == (2,)
+    single = model(batch_of(atoms[1:], cutoff=4.0))
+    assert torch.allclose(single["energy"], ref["energy"][1:], rtol=1e-12)
+    with torch.no_grad():
+        assert not model(batch)["forces"].requires_grad
+
+
+def test_registry_and_parameter_counts():
+    counts = {
+        name: count_parameters(name) for name in ("dimenetpp", "dimenetpp-large", "dimenetpp-xl")
+    }
+    print("parameters:", counts)
+    for name, paper in (("dimenetpp", 1.8e6), ("dimenetpp-large", 10.8e6), ("dimenetpp-xl", 240e6)):
+        assert abs(counts[name] - paper) / paper < 0.10, name
+    model = build_model("dimenetpp-tiny", cutoff=5.0)
+    assert model.rbf.cutoff == 5.0
+    assert count_parameters("dimenetpp-tiny") == sum(p.numel() for p in model.parameters())
+    with pytest.raises(KeyError):
+        build_model("nope")
+
+
+def test_graph_parallel_matches_serial(tmp_path):
+    """G = 2 and 3 gloo ranks: energies, forces and every synchronised parameter gradient of the
+    energy MAE + force L2 loss equal the serial model's."""
+    reference = dw.train_step(dw.make_model(), dw.make_batch())
+    for gp_size in (2, 3):
+        out = tmp_path / f"g{gp_size}"
+        out.mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(dw.worker, args=(gp_size, port, gp_size, str(out)), nprocs=gp_size)
+        for rank in range(gp_size):
+            energy, forces, grads = torch.load(out / f"rank{rank}.pt")
+            ref_energy, ref_forces, ref_grads = reference
+
+            def rel(a, b):
+                return float((a - b).abs().max() / b.abs().max().clamp(min=1e-300))
+
+            assert rel(energy, ref_energy) < 1e-9
+            assert rel(forces, ref_forces) < 1e-9
+            assert grads.keys() == ref_grads.keys()
+            for name, grad in grads.items():
+                assert rel(grad, ref_grads[name]) < 1e-9, (gp_size, rank, name)
