@@ -10,6 +10,17 @@ device, without allocating weights. Sizes (paper.md sections 1-2; reference-impl
 | dimenetpp-large | DimeNet++ | hidden 512, out_emb 384, int_emb 64, 3 blocks (OCP) | 10.8M |
 | dimenetpp-xl | DimeNet++ | hidden 2048, out_emb 1536, int_emb 256, 4 blocks (paper 4.1) | ~240M |
 | dimenetpp-tiny | DimeNet++ | hidden 16, out_emb 16, int_emb 8, basis 4, 2 blocks | CPU tests |
+| gemnet-dt | GemNet-dT | 3 blocks, atom/edge 512/512, trip/bil 64/64 (OCP gemnet-dT.yml) | 31M |
+| gemnet-xl | GemNet-dT | 6 blocks, atom/edge 128/1536, trip/bil 384/192 (gp-gemnet-xl) | ~300M |
+| gemnet-125m | GemNet-dT | 3 blocks, atom/edge 1280/768, trip/bil 128/64 (paper 2.4) | 125M |
+| gemnet-245m | GemNet-dT | 4 blocks, atom/edge 1536/1024, trip/bil 192/96 (paper 2.4) | 245M |
+| gemnet-480m | GemNet-dT | 6 blocks, atom/edge 1792/1184, trip/bil 288/160 (paper 2.4) | 480M |
+| gemnet-960m | GemNet-dT | 8 blocks, atom/edge 2320/1302, trip/bil 512/288 (paper 2.4) | 960M |
+| gemnet-tiny | GemNet-dT | 2 blocks, atom/edge 16/16, trip/bil 8/8, rbf/cbf 4/4 | CPU tests |
+
+GemNet configurations share the OC20 settings of gemnet-dT.yml (rbf/cbf 16, 128 Gaussians,
+7 spherical orders, skip 1/2, concat 1, atom 3, cutoff 6, 50 neighbours); the scaling family
+(paper section 2.4) varies blocks and widths only.
 
 Other model families register their configurations in `MODELS` the same way:
 `MODELS[name] = (factory, default_kwargs)`.
@@ -24,8 +35,9 @@ import torch
 from torch import nn
 
 from graphpar.models.dimenetpp import DimeNetPlusPlus
+from graphpar.models.gemnet import GemNetT
 
-__all__ = ["MODELS", "DimeNetPlusPlus", "build_model", "count_parameters"]
+__all__ = ["MODELS", "DimeNetPlusPlus", "GemNetT", "build_model", "count_parameters"]
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "dimenetpp": (
@@ -51,6 +63,54 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
         ),
     ),
 }
+
+_GEMNET_OC20 = dict(
+    emb_size_rbf=16,
+    emb_size_cbf=16,
+    num_radial=128,
+    num_spherical=7,
+    num_before_skip=1,
+    num_after_skip=2,
+    num_concat=1,
+    num_atom=3,
+    cutoff=6.0,
+    max_neighbors=50,
+    direct_forces=True,
+)
+
+
+def _gemnet(num_blocks: int, atom: int, edge: int, trip: int, bil: int) -> dict[str, Any]:
+    return dict(
+        _GEMNET_OC20,
+        num_blocks=num_blocks,
+        emb_size_atom=atom,
+        emb_size_edge=edge,
+        emb_size_trip=trip,
+        emb_size_bil_trip=bil,
+    )
+
+
+MODELS.update(
+    {
+        "gemnet-dt": (GemNetT, _gemnet(3, 512, 512, 64, 64)),
+        "gemnet-xl": (GemNetT, _gemnet(6, 128, 1536, 384, 192)),
+        "gemnet-125m": (GemNetT, _gemnet(3, 1280, 768, 128, 64)),
+        "gemnet-245m": (GemNetT, _gemnet(4, 1536, 1024, 192, 96)),
+        "gemnet-480m": (GemNetT, _gemnet(6, 1792, 1184, 288, 160)),
+        "gemnet-960m": (GemNetT, _gemnet(8, 2320, 1302, 512, 288)),
+        "gemnet-tiny": (
+            GemNetT,
+            dict(
+                _gemnet(2, 16, 16, 8, 8),
+                emb_size_rbf=4,
+                emb_size_cbf=4,
+                num_radial=8,
+                num_atom=2,
+                num_after_skip=1,
+            ),
+        ),
+    }
+)
 
 
 def build_model(name: str, **overrides: Any) -> nn.Module:

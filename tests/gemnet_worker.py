@@ -1,0 +1,84 @@
+"""Graph-parallel GemNet-dT in real gloo processes: the fairchem fixture's batch with its
+weights, a training step (energy MAE + force L2 loss), per rank (CPU, float64)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from graphpar.models.gemnet import GemNetT, load_fairchem_state_dict
+from graphpar.parallel import destroy_groups, get_dims, init_groups, sync_gradients
+
+FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt")
+
+
+def make_model(direct_forces: bool = True) -> GemNetT:
+    config = json.loads((FIXTURE / "model.json").read_text())
+    weights = {k: torch.from_numpy(v) for k, v in np.load(FIXTURE / "weights.npz").items()}
+    scales = config["scale_factors"]
+    if not direct_forces:  # without the force heads (gradient forces: GemNet-T)
+        heads = ("seq_forces", "out_forces", "dense_rbf_F", "scale_rbf_F")
+        weights = {k: v for k, v in weights.items() if not any(h in k for h in heads)}
+        scales = {k: v for k, v in scales.items() if not any(h in k for h in heads)}
+    args = dict(config["constructor_args"], direct_forces=direct_forces)
+    model = GemNetT(**args).double()
+    return load_fairchem_state_dict(model, weights, scales).train()
+
+
+def make_batch(seed: int = 0):
+    """The fixture's two structures with its input graph; random energy and force targets."""
+    graph = dict(np.load(FIXTURE / "graph.npz"))
+    natoms = torch.from_numpy(graph["batch_natoms"])
+    pos = torch.from_numpy(graph["batch_pos"])
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        pos=pos,
+        atomic_numbers=torch.from_numpy(graph["batch_atomic_numbers"]),
+        cell=torch.from_numpy(graph["batch_cell"]),
+        natoms=natoms,
+        batch=torch.repeat_interleave(torch.arange(natoms.numel()), natoms),
+        edge_index=torch.from_numpy(graph["batch_edge_index"]),
+        cell_offsets=torch.from_numpy(graph["batch_cell_offsets"]),
+        energy=1000 * torch.randn(natoms.numel(), generator=g, dtype=torch.float64),
+        forces=10 * torch.randn(pos.shape, generator=g, dtype=torch.float64),
+    )
+
+
+def train_step(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    loss = (out["energy"] - batch.energy).abs().mean()
+    loss = loss + (out["forces"] - batch.forces).norm(dim=1).mean()
+    loss.backward()
+    sync_gradients(model)
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return out["energy"].detach(), out["forces"].detach(), grads
+
+
+def worker(rank: int, world_size: int, port: int, gp_size: int, out: str) -> None:
+    torch.set_num_threads(1)
+    if sys.platform == "linux":
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=120),
+    )
+    try:
+        init_groups(gp_size)
+        assert get_dims().gp_size == gp_size
+        result = {direct: train_step(make_model(direct), make_batch()) for direct in (True, False)}
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        destroy_groups()
+        dist.destroy_process_group()
