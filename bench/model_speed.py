@@ -28,7 +28,7 @@ from ase.build import add_adsorbate, fcc111
 from torch_geometric.nn.models import DimeNetPlusPlus as PygDimeNetPlusPlus
 
 from graphpar.data.dataset import collate
-from graphpar.data.graph import atoms_to_sample
+from graphpar.data.graph import atoms_to_sample, edge_vectors
 from graphpar.models import MODELS, build_model
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "model_speed.json"
@@ -51,10 +51,7 @@ def pyg_energy(pyg: PygDimeNetPlusPlus, batch, pos: torch.Tensor) -> torch.Tenso
     """PyG's DimeNet++ forward (torch_geometric/nn/models/dimenet.py) on our periodic graph."""
     j, i = batch.edge_index
     idx_kj, idx_ji = batch.idx_kj, batch.idx_ji
-    shift = torch.einsum(
-        "ek,ekd->ed", batch.cell_offsets.to(pos.dtype), batch.cell[batch.batch[i]].to(pos.dtype)
-    )
-    vec = pos[i] - (pos[j] + shift)  # vec_ji
+    vec = edge_vectors(pos, batch.edge_index, batch.cell_offsets, batch.cell, batch.batch)
     dist = vec.norm(dim=-1)
     # PyG's angle between pos_ji and pos_kj, as atan2(|a x b|, a . b).
     pos_ji, pos_kj = vec[idx_ji], vec[idx_kj]

@@ -16,7 +16,7 @@ from conftest import tool_env
 from torch.utils.data import DataLoader
 
 from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
-from graphpar.data.graph import atoms_to_sample
+from graphpar.data.graph import atoms_to_sample, edge_vectors
 from graphpar.data.lmdb import iter_pyg_lmdb
 from graphpar.data.mini import SPLITS, MiniConfig, generate
 from graphpar.preprocess import PreprocessError, preprocess, read_txt
@@ -146,24 +146,18 @@ def test_triplets_built_in_loader_workers_equal_stored_ones(processed):
     assert count == len(stored)
 
 
-def edge_vectors(pos, cell, edge_index, cell_offsets, cell_of_edge):
-    j, i = edge_index
-    shift = torch.einsum("ek,ekl->el", cell_offsets.to(cell.dtype), cell[cell_of_edge])
-    return pos[i] - (pos[j] + shift)
-
-
 def per_structure_quantities(batch):
     """Model-free sums per structure over edges and both kinds of triplets."""
     structures = int(batch.num_graphs)
     edge_graph = batch.batch[batch.edge_index[1]]
-    vectors = edge_vectors(batch.pos, batch.cell, batch.edge_index, batch.cell_offsets, edge_graph)
+    vectors = edge_vectors(batch.pos, batch.edge_index, batch.cell_offsets, batch.cell, batch.batch)
     lengths = torch.zeros(structures).index_add_(0, edge_graph, vectors.norm(dim=1))
     cos_kj_ji = torch.nn.functional.cosine_similarity(vectors[batch.idx_kj], vectors[batch.idx_ji])
     dimenet = torch.zeros(structures).index_add_(0, edge_graph[batch.idx_ji], cos_kj_ji)
 
     sym_graph = batch.batch[batch.edge_index_sym[1]]
     sym = edge_vectors(
-        batch.pos, batch.cell, batch.edge_index_sym, batch.cell_offsets_sym, sym_graph
+        batch.pos, batch.edge_index_sym, batch.cell_offsets_sym, batch.cell, batch.batch
     )
     cos_ba_ca = torch.nn.functional.cosine_similarity(sym[batch.id3_ba], sym[batch.id3_ca])
     gemnet = torch.zeros(structures).index_add_(0, sym_graph[batch.id3_ca], cos_ba_ca)

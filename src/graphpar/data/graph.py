@@ -30,6 +30,7 @@ from graphpar.data.sample import Sample
 __all__ = [
     "atoms_to_sample",
     "dimenet_triplets",
+    "edge_vectors",
     "gemnet_triplets",
     "radius_graph",
     "radius_graph_batch",
@@ -522,6 +523,19 @@ def _ranges_without(start: Tensor, end: Tensor, skip: Tensor) -> tuple[Tensor, T
     middle = inside & (skip > start) & (skip < end - 1)
     steps[block[middle] + (skip - start)[middle]] = 2
     return torch.cumsum(steps, 0, out=steps), owner
+
+
+def edge_vectors(
+    pos: Tensor, edge_index: Tensor, cell_offsets: Tensor, cell: Tensor, batch: Tensor
+) -> Tensor:
+    """vec_ji = pos[i] - (pos[j] + cell_offsets @ cell) of every edge j->i, A [E, 3].
+
+    `cell` [B, 3, 3] (or [1, 3, 3]) and `batch` [N] (structure of each atom) locate each edge's
+    cell; differentiable in `pos` (energy-centric forces go through it)."""
+    source, target = edge_index
+    cell = cell.reshape(-1, 3, 3).to(pos.dtype)
+    shift = torch.einsum("ek,ekd->ed", cell_offsets.to(pos.dtype), cell[batch[target]])
+    return pos[target] - (pos[source] + shift)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,15 +27,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Embedding, Linear
 
+from graphpar.data.graph import dimenet_triplets, edge_vectors
 from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
     get_dims,
-    local_triplets,
-    partition_edges,
     reduce_partial,
     scale_replicated,
+    share_edges,
 )
 
 __all__ = [
@@ -373,33 +373,20 @@ class DimeNetPlusPlus(nn.Module):
         idx_kj = getattr(batch, "idx_kj", None)
         idx_ji = getattr(batch, "idx_ji", None)
         if idx_kj is None or idx_ji is None:
-            from graphpar.data.graph import dimenet_triplets
-
             idx_kj, idx_ji = dimenet_triplets(edge_index, cell_offsets, num_nodes)
         num_edges = edge_index.size(1)
 
         dims = get_dims()
-        size, rank = dims.gp_size, dims.gp_rank
-        if size > 1:
-            part = partition_edges(idx_ji, num_edges, size)
-            local = local_triplets(part, rank, idx_kj, idx_ji)
-            edges = part.slice(rank)
-            edge_sizes = part.sizes
-            # Graph parallel: replicated positions enter partitioned work (backward: all-reduce
-            # of this rank's partial position gradients).
-            pos = copy_to_partitioned(pos)
-            t_kj, t_ji, t_ji_local = local.input_edge, idx_ji[local.ids], local.output_edge
-        else:
-            edges = slice(0, num_edges)
-            edge_sizes = None
-            t_kj, t_ji, t_ji_local = idx_kj, idx_ji, idx_ji
+        share = share_edges(idx_kj, idx_ji, num_edges, dims.gp_size, dims.gp_rank)
+        edges, edge_sizes = share.edges, share.edge_sizes
+        t_kj, t_ji, t_ji_local = share.input_edge, share.output_edge, share.output_edge_local
+        # Graph parallel: replicated positions enter partitioned work (backward: all-reduce
+        # of this rank's partial position gradients).
+        pos = copy_to_partitioned(pos)
 
-        # Geometry of every edge (cheap, parameter-free; triplets read other ranks' edges):
-        # vec_ji = pos[i] - (pos[j] + cell_offsets @ cell).
+        # Geometry of every edge (cheap, parameter-free; triplets read other ranks' edges).
         j, i = edge_index
-        cell = batch.cell.reshape(-1, 3, 3).to(pos.dtype)
-        shift = torch.einsum("ek,ekd->ed", cell_offsets.to(pos.dtype), cell[structure[i]])
-        vec = pos[i] - (pos[j] + shift)
+        vec = edge_vectors(pos, edge_index, cell_offsets, batch.cell, structure)
         dist = vec.norm(dim=-1)
         # Angle between v_kj and v_ji through its cosine (PyG/OCP: atan2(|v x w|, <v, w>), whose
         # gradient is undefined for collinear triplets).

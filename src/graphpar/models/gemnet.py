@@ -39,15 +39,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from graphpar.data.graph import edge_vectors, gemnet_triplets, symmetric_graph
 from graphpar.models.gemnet_basis import CircularBasis, RadialBasis
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
     get_dims,
-    local_triplets,
-    partition_edges,
     reduce_partial,
     scale_replicated,
+    share_edges,
 )
 
 __all__ = [
@@ -541,8 +541,6 @@ class GemNetT(nn.Module):
         values = [getattr(batch, key, None) for key in keys]
         if all(v is not None for v in values):
             return tuple(values)
-        from graphpar.data.graph import gemnet_triplets, symmetric_graph
-
         edge_index, cell_offsets, id_swap = symmetric_graph(batch.edge_index, batch.cell_offsets)
         id3_ba, id3_ca = gemnet_triplets(edge_index, batch.pos.size(0))
         return edge_index, cell_offsets, id_swap, id3_ba, id3_ca
@@ -581,27 +579,17 @@ class GemNetT(nn.Module):
         num_edges = edge_index.size(1)
 
         dims = get_dims()
-        size, rank = dims.gp_size, dims.gp_rank
-        if size > 1:
-            part = partition_edges(id3_ca, num_edges, size)
-            local = local_triplets(part, rank, id3_ba, id3_ca)
-            edges = part.slice(rank)
-            edge_sizes = part.sizes
-            # Graph parallel: replicated positions enter partitioned work (backward: all-reduce
-            # of this rank's partial position gradients).
-            pos = copy_to_partitioned(pos)
-            t_ba, t_ca, t_ca_local = local.input_edge, id3_ca[local.ids], local.output_edge
-        else:
-            edges = slice(0, num_edges)
-            edge_sizes = None
-            t_ba, t_ca, t_ca_local = id3_ba, id3_ca, id3_ca
+        share = share_edges(id3_ba, id3_ca, num_edges, dims.gp_size, dims.gp_rank)
+        edges, edge_sizes = share.edges, share.edge_sizes
+        t_ba, t_ca, t_ca_local = share.input_edge, share.output_edge, share.output_edge_local
+        # Graph parallel: replicated positions enter partitioned work (backward: all-reduce
+        # of this rank's partial position gradients).
+        pos = copy_to_partitioned(pos)
 
         # Geometry of every edge (cheap, parameter-free; triplets read other ranks' edges):
         # V_st from the source image to the target, its length d_st.
         idx_s, idx_t = edge_index
-        cell = batch.cell.reshape(-1, 3, 3).to(pos.dtype)
-        shift = torch.einsum("ek,ekd->ed", cell_offsets.to(pos.dtype), cell[structure[idx_t]])
-        vec = pos[idx_t] - (pos[idx_s] + shift)
+        vec = edge_vectors(pos, edge_index, cell_offsets, batch.cell, structure)
         dist = vec.norm(dim=-1)
         unit = vec / dist.unsqueeze(-1)
         cos_cab = (unit[t_ca] * unit[t_ba]).sum(-1).clamp(-1, 1)

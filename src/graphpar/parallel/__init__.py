@@ -17,15 +17,18 @@ from graphpar.parallel.comm import (
 )
 from graphpar.parallel.groups import ParallelDims, destroy_groups, get_dims, init_groups
 from graphpar.parallel.partition import (
+    EdgeShare,
     LocalTriplets,
     Partition,
     balanced_partition,
     local_triplets,
     partition_atoms,
     partition_edges,
+    share_edges,
 )
 
 __all__ = [
+    "EdgeShare",
     "LocalTriplets",
     "ParallelDims",
     "Partition",
@@ -42,6 +45,7 @@ __all__ = [
     "reduce_partial",
     "reduce_scatter",
     "scale_replicated",
+    "share_edges",
     "split",
     "sync_gradients",
 ]

@@ -22,10 +22,12 @@ from torch import Tensor
 __all__ = [
     "LocalTriplets",
     "Partition",
+    "EdgeShare",
     "balanced_partition",
     "local_triplets",
     "partition_atoms",
     "partition_edges",
+    "share_edges",
 ]
 
 
@@ -119,3 +121,35 @@ def local_triplets(
     start, stop = partition.bounds[rank], partition.bounds[rank + 1]
     ids = torch.nonzero((output_edge >= start) & (output_edge < stop)).reshape(-1)
     return LocalTriplets(ids, input_edge[ids], output_edge[ids] - start)
+
+
+@dataclass(frozen=True)
+class EdgeShare:
+    """What one rank of a graph-parallel group computes: its edges and their triplets.
+
+    With G = 1 it is the whole batch, so a model has one code path for any G."""
+
+    edges: slice  # this rank's rows of the batch's edge tensors
+    edge_sizes: tuple[int, ...] | None  # edges per rank, for the gathers (None: serial)
+    input_edge: Tensor  # [T_r] global ids of its triplets' input edges (k->j, b->a)
+    output_edge: Tensor  # [T_r] global ids of its triplets' output edges (j->i, c->a)
+    output_edge_local: Tensor  # [T_r] the same, as rows of this rank's edges
+
+
+def share_edges(
+    input_edge: Tensor, output_edge: Tensor, num_edges: int, gp_size: int, gp_rank: int
+) -> EdgeShare:
+    """This rank's share of a batch whose triplets are (input edge, output edge) pairs: a
+    contiguous slice of the edges balanced by triplet count (`partition_edges`), and the
+    triplets whose output edge it owns (`local_triplets`)."""
+    if gp_size == 1:
+        return EdgeShare(slice(0, num_edges), None, input_edge, output_edge, output_edge)
+    part = partition_edges(output_edge, num_edges, gp_size)
+    local = local_triplets(part, gp_rank, input_edge, output_edge)
+    return EdgeShare(
+        part.slice(gp_rank),
+        part.sizes,
+        local.input_edge,
+        output_edge[local.ids],
+        local.output_edge,
+    )
