@@ -3,19 +3,16 @@ per-rank scenario that tests/test_dimenetpp.py spawns (CPU, float64)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from ase.build import add_adsorbate, fcc111
+from gloo import process_group
 
 from graphpar.data.dataset import collate
 from graphpar.data.graph import atoms_to_sample
 from graphpar.models import build_model
-from graphpar.parallel import destroy_groups, init_groups, sync_gradients
+from graphpar.parallel import init_groups, sync_gradients
 
 
 def make_batch(seed: int = 0):
@@ -54,20 +51,7 @@ def train_step(model, batch):
 
 
 def worker(rank: int, world_size: int, port: int, gp_size: int, out: str) -> None:
-    torch.set_num_threads(1)
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
+    with process_group(rank, world_size, port):
         init_groups(gp_size)
         result = train_step(make_model(), make_batch())
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        destroy_groups()
-        dist.destroy_process_group()

@@ -3,19 +3,16 @@ weights, a training step (energy MAE + force L2 loss), per rank (CPU, float64)."
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.distributed as dist
+from gloo import process_group
 
 from graphpar.models.gemnet import GemNetT, load_fairchem_state_dict
-from graphpar.parallel import destroy_groups, get_dims, init_groups, sync_gradients
+from graphpar.parallel import get_dims, init_groups, sync_gradients
 
 FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt")
 
@@ -64,21 +61,8 @@ def train_step(model, batch):
 
 
 def worker(rank: int, world_size: int, port: int, gp_size: int, out: str) -> None:
-    torch.set_num_threads(1)
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=120),
-    )
-    try:
+    with process_group(rank, world_size, port, timeout_s=120):
         init_groups(gp_size)
         assert get_dims().gp_size == gp_size
         result = {direct: train_step(make_model(direct), make_batch()) for direct in (True, False)}
         torch.save(result, Path(out) / f"rank{rank}.pt")
-    finally:
-        destroy_groups()
-        dist.destroy_process_group()

@@ -12,19 +12,16 @@ With G = 1 every primitive is the identity and the same code is the serial model
 
 from __future__ import annotations
 
-import datetime
-import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from gloo import process_group
 from torch import Tensor, nn
 
 from graphpar.data.graph import dimenet_triplets, radius_graph_batch
 from graphpar.parallel import (
     copy_to_partitioned,
-    destroy_groups,
     gather_for_partitioned,
     gather_for_replicated,
     get_dims,
@@ -298,18 +295,5 @@ SCENARIOS = {
 
 def worker(rank: int, world_size: int, port: int, scenario: str, gp_size: int, out: str) -> None:
     """Entry point of each spawned process."""
-    torch.set_num_threads(1)  # up to 4 ranks share 2 cores
-    if sys.platform == "linux":
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on 127.0.0.1
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world_size,
-        timeout=datetime.timedelta(seconds=60),  # a hung collective fails fast
-    )
-    try:
+    with process_group(rank, world_size, port):
         SCENARIOS[scenario](gp_size, Path(out))
-    finally:
-        destroy_groups()
-        dist.destroy_process_group()

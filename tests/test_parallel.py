@@ -8,12 +8,10 @@ Process groups time out after 60 s and tests after 120 s, so a hung collective f
 
 from __future__ import annotations
 
-import socket
-
+import gloo
 import parallel_worker as pw
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from graphpar.parallel import (
     ParallelDims,
@@ -39,10 +37,7 @@ RTOL = 1e-9
 
 def spawn(scenario: str, world_size: int, gp_size: int, out) -> None:
     """Run a scenario on `world_size` ranks; a rank's exception is re-raised here."""
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(pw.worker, args=(world_size, port, scenario, gp_size, str(out)), nprocs=world_size)
+    gloo.spawn(pw.worker, world_size, scenario, gp_size, str(out))
 
 
 def launch(scenario: str, world_size: int, gp_size: int, out) -> list:
