@@ -34,7 +34,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -46,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from ase.build import fcc111
+from machine import cpu_model
 
 from graphpar.data.dataset import collate
 from graphpar.data.graph import atoms_to_sample
@@ -268,14 +268,7 @@ def run_ranks(world_size, batch_file, kind, name, overrides, tmp: Path) -> list[
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
         f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU gloo ranks on 127.0.0.1, "

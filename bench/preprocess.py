@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from ase.build import add_adsorbate, fcc111, molecule
 from ase.neighborlist import neighbor_list
+from machine import cpu_model
 from threadpoolctl import threadpool_limits
 
 from graphpar.data.graph import (
@@ -99,14 +99,7 @@ def pymatgen_graph(structures) -> int:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     return f"{model}, 1 thread (torch + BLAS), torch {torch.__version__}"
 
 

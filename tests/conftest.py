@@ -40,6 +40,19 @@ def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.C
     return result
 
 
+def float64_batch(atoms_list, cutoff: float = 6.0, max_neighbors: int = 50):
+    """A collated batch of `ase.Atoms` with float64 positions and cells (exactness tests)."""
+    from graphpar.data.dataset import collate
+    from graphpar.data.graph import atoms_to_sample
+
+    batch = collate(
+        [atoms_to_sample(a, cutoff=cutoff, max_neighbors=max_neighbors) for a in atoms_list]
+    )
+    batch.pos = batch.pos.double()
+    batch.cell = batch.cell.double()
+    return batch
+
+
 def copy_test_workdir(destination: Path) -> Path:
     """A fresh working directory holding the tiny test config (.test/config/)."""
     shutil.copytree(REPO / ".test", destination)

@@ -12,24 +12,14 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
+from conftest import float64_batch as batch_of
 from torch_geometric.nn.models import DimeNetPlusPlus as PygDimeNetPlusPlus
 
-from graphpar.data.dataset import collate
-from graphpar.data.graph import atoms_to_sample
 from graphpar.models import build_model, count_parameters
 from graphpar.models.basis import SphericalBasisLayer, spherical_bessel_roots
 from graphpar.models.dimenetpp import DimeNetPlusPlus
 
 TINY = dict(hidden_channels=16, out_emb_channels=16, int_emb_size=8, basis_emb_size=4)
-
-
-def batch_of(atoms_list, cutoff=6.0, max_neighbors=50):
-    batch = collate(
-        [atoms_to_sample(a, cutoff=cutoff, max_neighbors=max_neighbors) for a in atoms_list]
-    )
-    batch.pos = batch.pos.double()
-    batch.cell = batch.cell.double()
-    return batch
 
 
 def tiny_model(cutoff=6.0, seed=0):

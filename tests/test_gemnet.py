@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
+from conftest import float64_batch
 
-from graphpar.data.dataset import collate
-from graphpar.data.graph import atoms_to_sample
 from graphpar.models import build_model, count_parameters
 from graphpar.models.gemnet import (
     FAIRCHEM_NAME_MAP,
@@ -194,13 +193,8 @@ def slabs(seed=0):
     return atoms
 
 
-def batch_of(atoms_list, cutoff=4.0, max_neighbors=12):
-    batch = collate(
-        [atoms_to_sample(a, cutoff=cutoff, max_neighbors=max_neighbors) for a in atoms_list]
-    )
-    batch.pos = batch.pos.double()
-    batch.cell = batch.cell.double()
-    return batch
+def batch_of(atoms_list):
+    return float64_batch(atoms_list, cutoff=4.0, max_neighbors=12)
 
 
 def test_gradient_forces_are_finite_differences():

@@ -29,6 +29,7 @@ from torch.nn import Embedding, Linear
 
 from graphpar.data.graph import dimenet_triplets, edge_vectors
 from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
+from graphpar.models.blocks import atom_structure, scatter_sum
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
@@ -56,11 +57,6 @@ def glorot_orthogonal(tensor: Tensor, scale: float) -> None:
     with torch.no_grad():
         nn.init.orthogonal_(tensor)
         tensor.mul_((scale / ((tensor.size(-2) + tensor.size(-1)) * tensor.var())).sqrt())
-
-
-def _scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
-    out = src.new_zeros((dim_size, *src.shape[1:]))
-    return out.index_add(0, index, src)
 
 
 def _replicated_linear(lin: Linear, x: Tensor) -> Tensor:
@@ -181,7 +177,7 @@ class InteractionPPBlock(nn.Module):
             x_kj = gather_for_partitioned(x_kj, edge_sizes)
         sbf = self.lin_sbf2(self.lin_sbf1(sbf))
         x_kj = x_kj[idx_kj] * sbf
-        x_kj = _scatter_sum(x_kj, idx_ji, x.size(0))
+        x_kj = scatter_sum(x_kj, idx_ji, x.size(0))
         x_kj = self.act(self.lin_up(x_kj))
 
         h = x_ji + x_kj
@@ -234,7 +230,7 @@ class OutputPPBlock(nn.Module):
         """x, rbf, i: this rank's edges; returns [num_nodes, out_channels] on every rank."""
         x = self.lin_rbf(rbf) * x
         # Graph parallel: local scatter of this rank's edges, then all-reduce of the partial sums.
-        x = reduce_partial(_scatter_sum(x, i, num_nodes))
+        x = reduce_partial(scatter_sum(x, i, num_nodes))
         # Replicated per-atom work from here: parameter gradients scaled by 1/G.
         x = _replicated_linear(self.lin_up, x)
         for lin in self.lins:
@@ -363,11 +359,7 @@ class DimeNetPlusPlus(nn.Module):
         z = batch.atomic_numbers.long()
         num_nodes = pos.size(0)
         natoms = batch.natoms.reshape(-1)
-        structure = getattr(batch, "batch", None)
-        if structure is None:
-            structure = torch.repeat_interleave(
-                torch.arange(natoms.numel(), device=pos.device), natoms
-            )
+        structure = atom_structure(batch)
         edge_index = batch.edge_index
         cell_offsets = batch.cell_offsets
         idx_kj = getattr(batch, "idx_kj", None)
@@ -404,5 +396,5 @@ class DimeNetPlusPlus(nn.Module):
             x = interaction(x, rbf, sbf, t_kj, t_ji_local, edge_sizes)
             energy_atoms = energy_atoms + output(x, rbf, i_local, num_nodes)
 
-        energy = _scatter_sum(energy_atoms, structure, natoms.numel())
+        energy = scatter_sum(energy_atoms, structure, natoms.numel())
         return energy.squeeze(-1) if self.out_channels == 1 else energy

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphpar.data.graph import edge_vectors, gemnet_triplets, symmetric_graph
+from graphpar.models.blocks import atom_structure, scatter_sum
 from graphpar.models.gemnet_basis import CircularBasis, RadialBasis
 from graphpar.parallel import (
     copy_to_partitioned,
@@ -81,10 +82,6 @@ def he_orthogonal_(tensor: Tensor) -> Tensor:
         var = tensor.var(dim=axis, keepdim=True, unbiased=False)
         tensor.sub_(mean).div_((var + 1e-6).sqrt()).mul_(math.sqrt(1 / fan_in))
     return tensor
-
-
-def _scatter_sum(src: Tensor, index: Tensor, dim_size: int) -> Tensor:
-    return src.new_zeros((dim_size, *src.shape[1:])).index_add(0, index, src)
 
 
 def scaled_silu(x: Tensor) -> Tensor:
@@ -284,7 +281,7 @@ class AtomUpdateBlock(nn.Module):
         _mark_replicated(self.layers)  # per-atom work, the same on every rank
 
     def aggregate(self, m: Tensor, rbf: Tensor, idx_t: Tensor, num_atoms: int) -> Tensor:
-        x = _scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
+        x = scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
         # Graph parallel: local scatter of this rank's edges, then all-reduce of the partial sums.
         return self.scale_sum(reduce_partial(x))
 
@@ -570,11 +567,7 @@ class GemNetT(nn.Module):
         z = batch.atomic_numbers.long()
         num_atoms = pos.size(0)
         natoms = batch.natoms.reshape(-1)
-        structure = getattr(batch, "batch", None)
-        if structure is None:
-            structure = torch.repeat_interleave(
-                torch.arange(natoms.numel(), device=pos.device), natoms
-            )
+        structure = atom_structure(batch)
         edge_index, cell_offsets, id_swap, id3_ba, id3_ca = self.graph(batch)
         num_edges = edge_index.size(1)
 
@@ -631,7 +624,7 @@ class GemNetT(nn.Module):
             if f is not None:
                 force_edges = force_edges + f
 
-        energy = _scatter_sum(energy_atoms, structure, natoms.numel())
+        energy = scatter_sum(energy_atoms, structure, natoms.numel())
         if not self.extensive:
             energy = energy / natoms.unsqueeze(-1).to(energy.dtype)
         if self.num_targets == 1:
@@ -640,7 +633,7 @@ class GemNetT(nn.Module):
         if self.regress_forces and self.direct_forces:
             force_vec = force_edges.unsqueeze(-1) * unit.unsqueeze(1)  # [E, targets, 3]
             # Graph parallel: local scatter of this rank's edges, then all-reduce.
-            forces = reduce_partial(_scatter_sum(force_vec, idx_t, num_atoms))
+            forces = reduce_partial(scatter_sum(force_vec, idx_t, num_atoms))
             if self.num_targets == 1:
                 forces = forces.squeeze(1)
         return energy, forces
