@@ -14,7 +14,7 @@ import torch
 from ase.build import add_adsorbate, fcc111
 from conftest import float64_batch
 
-from graphpar.models import build_model, count_parameters
+from graphpar.models import build_model, count_parameters, scale_shared_gradients
 from graphpar.models.gemnet import (
     FAIRCHEM_NAME_MAP,
     GemNetT,
@@ -302,3 +302,29 @@ def test_graph_parallel_matches_fixture_and_serial(tmp_path):
             print(f"G=2 rank {rank} direct={direct}: max grad rel dev {worst:.2e}")
             for name, grad in grads.items():
                 assert rel(grad, ref_grads[name]) < 1e-9, (rank, direct, name)
+
+
+def test_shared_basis_gradients_divided_by_their_uses():
+    """fairchem's serial GemNet divides the shared basis projections' gradients by their uses
+    (blocks reading them); DimeNet++ has no shared parameters and is left alone."""
+    model = build_model("gemnet-tiny").double()
+    batch = batch_of(slabs())
+    out = model(batch)
+    (out["energy"].sum() + out["forces"].sum()).backward()
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    scale_shared_gradients(model)
+    shared = {name: uses for name, _, uses in model.shared_parameters()}
+    assert shared == {
+        "mlp_rbf3.weight": 2,
+        "mlp_cbf3.weight": 2,
+        "mlp_rbf_h.weight": 2,
+        "mlp_rbf_out.weight": 3,
+    }
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, before[name] / shared.get(name, 1)), name
+
+    dimenet = build_model("dimenetpp-tiny").double()
+    dimenet(batch)["energy"].sum().backward()
+    before = [p.grad.clone() for p in dimenet.parameters()]
+    scale_shared_gradients(dimenet)
+    assert all(torch.equal(p.grad, g) for p, g in zip(dimenet.parameters(), before, strict=True))

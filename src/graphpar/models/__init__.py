@@ -37,7 +37,14 @@ from torch import nn
 from graphpar.models.dimenetpp import DimeNetPlusPlus
 from graphpar.models.gemnet import GemNetT
 
-__all__ = ["MODELS", "DimeNetPlusPlus", "GemNetT", "build_model", "count_parameters"]
+__all__ = [
+    "MODELS",
+    "DimeNetPlusPlus",
+    "GemNetT",
+    "build_model",
+    "count_parameters",
+    "scale_shared_gradients",
+]
 
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "dimenetpp": (
@@ -126,3 +133,13 @@ def count_parameters(name: str, **overrides: Any) -> int:
     with torch.device("meta"):
         model = build_model(name, **overrides)
     return sum(p.numel() for p in model.parameters())
+
+
+def scale_shared_gradients(model: nn.Module) -> None:
+    """Divide the gradients of parameters shared by several blocks by their number of uses
+    (GemNet's `shared_parameters`, as the reference trains it); other models are left alone.
+    Call after `sync_gradients`, before clipping."""
+    shared = getattr(model, "shared_parameters", None)
+    for _, param, uses in shared() if shared is not None else ():
+        if param.grad is not None:
+            param.grad.div_(uses)

@@ -522,6 +522,20 @@ class GemNetT(nn.Module):
             ]
         )
 
+    def shared_parameters(self) -> list[tuple[str, nn.Parameter, int]]:
+        """The basis projections every block shares, with their number of uses: (name,
+        parameter, uses). fairchem's serial GemNet divides their gradients by the uses before
+        each optimiser step (its `shared_parameters`; its GemNet-GP dropped this); the trainer
+        does the same through `graphpar.models.scale_shared_gradients`."""
+        uses = {
+            "mlp_rbf3.weight": self.num_blocks,
+            "mlp_cbf3.weight": self.num_blocks,
+            "mlp_rbf_h.weight": self.num_blocks,
+            "mlp_rbf_out.weight": self.num_blocks + 1,
+        }
+        params = dict(self.named_parameters())
+        return [(name, params[name], count) for name, count in uses.items()]
+
     def scale_factors(self) -> dict[str, ScaleFactor]:
         """Every ScaleFactor by its buffer's state_dict name."""
         return {

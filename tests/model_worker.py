@@ -1,0 +1,114 @@
+"""Both graph-parallel models in real gloo processes: batches, the training step, and the
+per-rank scenario that tests/test_models_parallel.py spawns (CPU, float64).
+
+The comparisons happen in the test process, where no group exists and every primitive is the
+identity, so the reference is the serial model computed by the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from ase import Atoms
+from ase.build import add_adsorbate, fcc111, molecule
+from conftest import float64_batch
+from gloo import process_group
+
+import graphpar.models.dimenetpp
+import graphpar.models.gemnet
+from graphpar.models import build_model
+from graphpar.parallel import gather_for_replicated, init_groups, sync_gradients
+
+MODELS = ("dimenetpp-tiny", "gemnet-tiny")
+CUTOFF = 4.0
+
+
+def make_model(name: str) -> torch.nn.Module:
+    """A tiny model with random weights everywhere (no zero-initialised output layer)."""
+    torch.manual_seed(0)
+    overrides = {"output_initializer": "glorot_orthogonal"} if name.startswith("dimenet") else {}
+    return build_model(name, cutoff=CUTOFF, **overrides).double().train()
+
+
+def with_targets(batch, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    batch.energy = torch.randn(batch.num_graphs, generator=g, dtype=torch.float64)
+    batch.forces = torch.randn(batch.pos.shape, generator=g, dtype=torch.float64)
+    return batch
+
+
+def make_batch(seed: int = 0):
+    """Two small periodic slabs with adsorbates, random energy and force targets."""
+    slabs = []
+    for k, (metal, adsorbate) in enumerate((("Cu", "O"), ("Pt", "H"))):
+        slab = fcc111(metal, size=(2, 2, 2), vacuum=5.0)
+        add_adsorbate(slab, adsorbate, 1.5, "fcc")
+        slab.rattle(0.05, seed=seed + k)
+        slabs.append(slab)
+    return with_targets(float64_batch(slabs, cutoff=CUTOFF, max_neighbors=12), seed)
+
+
+def sparse_batches() -> dict:
+    """Inputs with few or no edges: no edges at all, an isolated atom beside a molecule, and
+    a dimer (2 edges, no triplets: G = 4 leaves ranks without edges)."""
+    far_apart = Atoms("CuO", positions=[[0, 0, 0], [9, 9, 9]], cell=[20, 20, 20], pbc=False)
+    water = molecule("H2O", vacuum=6.0)
+    lone = Atoms("Pt", positions=[[5, 5, 5]], cell=[10, 10, 10], pbc=True)  # 10 A to images
+    dimer = Atoms("CO", positions=[[5, 5, 5], [5, 5, 6.2]], cell=[12, 12, 12], pbc=False)
+    return {
+        name: with_targets(float64_batch(atoms, cutoff=CUTOFF), 7)
+        for name, atoms in (
+            ("no_edges", [far_apart]),
+            ("isolated_atom", [water, lone]),
+            ("dimer", [dimer]),
+        )
+    }
+
+
+def train_step(model, batch):
+    """Energy MAE + force L2 loss, backward, synchronised gradients: (energy, forces, grads)."""
+    model.zero_grad(set_to_none=True)
+    out = model(batch)
+    loss = (out["energy"] - batch.energy).abs().mean()
+    loss = loss + (out["forces"] - batch.forces).norm(dim=1).mean()
+    loss.backward()
+    sync_gradients(model)
+    grads = {
+        name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+        for name, p in model.named_parameters()
+    }
+    return out["energy"].detach(), out["forces"].detach(), grads
+
+
+@contextlib.contextmanager
+def fairchem_gather():
+    """Both models with fairchem's gather, whose backward only splits (no sum over ranks)."""
+    modules = (graphpar.models.dimenetpp, graphpar.models.gemnet)
+    saved = [m.gather_for_partitioned for m in modules]
+    for m in modules:
+        m.gather_for_partitioned = gather_for_replicated
+    try:
+        yield
+    finally:
+        for m, gather in zip(modules, saved, strict=True):
+            m.gather_for_partitioned = gather
+
+
+def worker(rank: int, world_size: int, port: int, gp_size: int, out: str, sparse: bool) -> None:
+    """Every model on this rank's batch (data-parallel row d: seed 100 + d), right and wrong,
+    and on the sparse batches if asked."""
+    with process_group(rank, world_size, port, timeout_s=120):
+        dims = init_groups(gp_size)
+        batch = make_batch(seed=100 + dims.dp_rank)
+        result = {}
+        for name in MODELS:
+            result[name] = train_step(make_model(name), batch)
+            if gp_size > 1:
+                with fairchem_gather():
+                    result[f"{name}/wrong"] = train_step(make_model(name), batch)
+            if sparse:
+                for case, sparse_batch in sparse_batches().items():
+                    result[f"{name}/{case}"] = train_step(make_model(name), sparse_batch)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
