@@ -1,5 +1,5 @@
-"""DimeNet++ against PyG's implementation, finite differences, symmetries and parameter counts
-(graph parallelism: tests/test_models_parallel.py)."""
+"""DimeNet++ against PyG's implementation, finite differences and parameter counts (symmetries:
+tests/test_models_symmetry.py; graph parallelism: tests/test_models_parallel.py)."""
 
 from __future__ import annotations
 
@@ -131,41 +131,6 @@ def test_forces_are_finite_differences_on_periodic_slab():
                 energies.append(model(shifted)["energy"].sum())
             numeric = -(energies[0] - energies[1]) / (2 * h)
             assert abs(float(numeric - forces[atom, axis])) < 1e-6 * max(1.0, abs(float(numeric)))
-
-
-def test_symmetries():
-    atoms = slab(seed=1)
-    model = tiny_model(cutoff=4.0)
-    ref = model(batch_of([atoms], cutoff=4.0))
-
-    # Rotate / translate the float64 batch itself (the graph is invariant): rebuilding it from
-    # ASE would round positions to float32.
-    rotation = _rotation()
-    batch = batch_of([atoms], cutoff=4.0)
-    batch.pos = batch.pos @ rotation.T
-    batch.cell = batch.cell @ rotation.T
-    out = model(batch)
-    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-10, atol=0)
-    assert torch.allclose(out["forces"], ref["forces"] @ rotation.T, atol=1e-10)
-
-    batch = batch_of([atoms], cutoff=4.0)
-    batch.pos = batch.pos + torch.tensor([0.3, -0.7, 0.2], dtype=torch.float64)
-    out = model(batch)
-    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-10, atol=0)
-    assert torch.allclose(out["forces"], ref["forces"], atol=1e-10)
-
-    perm = np.random.default_rng(0).permutation(len(atoms))
-    permuted = atoms[perm]
-    out = model(batch_of([permuted], cutoff=4.0))
-    assert torch.allclose(out["energy"], ref["energy"], rtol=1e-9, atol=1e-9)
-    assert torch.allclose(out["forces"], ref["forces"][torch.as_tensor(perm)], atol=1e-9)
-
-
-def _rotation() -> torch.Tensor:
-    q, _ = torch.linalg.qr(
-        torch.randn(3, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    )
-    return q * torch.sign(torch.linalg.det(q))
 
 
 def test_collinear_triplets_have_finite_forces():
