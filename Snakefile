@@ -12,7 +12,8 @@
 #     lmdb/<task>/<split>/          graphs (+ triplets): data.NNNN.lmdb shards + metadata.json/.npz
 #   resources/oc20/downloads/       verified archives (deleted after extraction unless kept)
 #   resources/oc20/manual/          place archives downloaded by hand here
-#   results/<experiment>/           everything computed from the data (later stages)
+#   results/<experiment>/           everything computed from the data
+#     checkpoints/<run>/            final.pt, checkpoint.pt (resume), metrics.jsonl, train.log
 #   logs/<rule>/...                 one log per job
 
 
@@ -32,6 +33,12 @@ include: "workflow/rules/data.smk"
 
 
 include: "workflow/rules/preprocess.smk"
+
+
+# ---- train --------------------------------------------------------------------------------------
+
+
+include: "workflow/rules/train.smk"
 
 
 onstart:

@@ -7,10 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import REPO, copy_test_workdir, run_snakemake
 
-from graphpar.data.dataset import LmdbDataset
+from graphpar.data.dataset import LmdbDataset, collate
+from graphpar.train import load_trained, read_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -41,6 +43,52 @@ def test_tiny_run_preprocesses_every_split(tiny_workflow):
         is2re = LmdbDataset(raw / "lmdb" / "is2re" / split)
         assert len(is2re) == summary["is2re_systems"]
         assert (tiny_workflow / "logs" / "preprocess_s2ef" / f"{split}.log").is_file()
+
+
+def test_tiny_run_trains_both_models_through_torchrun(tiny_workflow):
+    """The train rule: G = 2 torchrun ranks per model, checkpoints, metrics and a log per run;
+    the final checkpoint loads as a model in eV and eV/A."""
+    val = LmdbDataset(tiny_workflow / "resources/mini/lmdb/s2ef/val_id", triplets=TRIPLETS)
+    batch = collate([val[0], val[1]])
+    for run in ("dimenetpp", "gemnet"):
+        folder = tiny_workflow / "results" / "tiny" / "checkpoints" / run
+        state = read_checkpoint(folder / "final.pt")
+        assert state["step"] == 4 and state["config"]["gp_size"] == 2
+        assert state["config"]["train"] == ["resources/mini/lmdb/s2ef/train"]
+        lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        steps = [x["step"] for x in lines if x["split"] == "train"]
+        assert steps == [1, 2, 3, 4]
+        assert all(len(x["peak_memory_mb"]) == 2 for x in lines if x["split"] == "train")
+        assert [x["step"] for x in lines if x["split"] == "val"] == [4]
+        log = (tiny_workflow / "logs" / "train" / "tiny" / f"{run}.log").read_text()
+        assert "G x D = 2 x 1" in log
+        out = load_trained(folder / "final.pt")(batch)
+        assert out["energy"].shape == (2,) and out["forces"].shape == batch.pos.shape
+        assert torch.isfinite(out["energy"]).all() and torch.isfinite(out["forces"]).all()
+
+
+TRIPLETS = ("dimenetpp", "gemnet")
+
+
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (lambda t: t["dimenetpp"].update(model="dimenetpp-huge"), "unknown model"),
+        (lambda t: t["gemnet"].update(val="val_ood_cat"), "'val_ood_cat' is not a s2ef split"),
+        (lambda t: t["gemnet"].update(learning_rate=1), "'learning_rate' was unexpected"),
+    ],
+)
+def test_bad_training_config_stops_with_the_run_named(tmp_path, edit, named):
+    workdir = copy_test_workdir(tmp_path / "run")
+    config_file = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    edit(config["train"])
+    config_file.write_text(yaml.safe_dump(config))
+    result = run_snakemake(workdir, "-n", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "config train." in output and named in output, output[-3000:]
+    assert not (workdir / "resources").exists()
 
 
 def test_finished_run_has_nothing_left_to_do(tiny_workflow):

@@ -14,6 +14,7 @@ sys.path.insert(0, SRC)
 # (Doubled braces: Snakemake formats the prefix like a shell command.)
 shell.prefix(f"export PYTHONPATH={SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
+from graphpar import train as graphpar_train  # noqa: E402
 from graphpar.data import mini, oc20  # noqa: E402
 
 validate(config, "../schemas/config.schema.yaml")
@@ -93,8 +94,64 @@ def preprocess_options(ref_energy):
     return " ".join(options)
 
 
+# ---- training ---------------------------------------------------------------------------------
+
+EXPERIMENT = config["experiment"]
+RESULTS = f"results/{EXPERIMENT}"
+
+
+def train_split_dir(run, split):
+    """A training run's split name -> its preprocessed folder (task s2ef or is2re)."""
+    task = config["train"][run].get("task", "s2ef")
+    known = s2ef_splits() if task == "s2ef" else is2re_splits()
+    if split not in known:
+        raise ValueError(
+            f"train.{run}: split {split!r} is not a {task} split of this dataset "
+            f"(known: {', '.join(known)})"
+        )
+    return f"resources/{DATASET}/lmdb/{task}/{split}"
+
+
+def train_config(run):
+    """The full graphpar.train config of a run: split names resolved to folders, validated."""
+    run_config = dict(config["train"][run])
+    run_config["train"] = [train_split_dir(run, split) for split in run_config["train"]]
+    if run_config.get("val") is not None:
+        run_config["val"] = train_split_dir(run, run_config["val"])
+    try:
+        return graphpar_train.load_config(run_config)
+    except graphpar_train.TrainingError as error:
+        raise ValueError(f"config train.{run}: {error}") from None
+
+
+TRAIN = {run: train_config(run) for run in config["train"]}  # every run checked at startup
+
+
+def train_inputs(wildcards):
+    """Datasets, and the checkpoint a fine-tuning run starts from (e.g. another run's)."""
+    run_config = TRAIN[wildcards.run]
+    inputs = run_config["train"] + ([run_config["val"]] if run_config["val"] else [])
+    if run_config["init_checkpoint"]:
+        inputs.append(run_config["init_checkpoint"])
+    return inputs
+
+
+def train_processes(run):
+    """torchrun processes: G x D (D defaults to 1 in the workflow)."""
+    run_config = TRAIN[run]
+    return run_config["gp_size"] * (run_config["dp_size"] or 1)
+
+
+def checkpoint(run):
+    return f"{RESULTS}/checkpoints/{run}/final.pt"
+
+
+def train_targets():
+    return [checkpoint(run) for run in TRAIN]
+
+
 def all_targets():
-    return data_targets() + preprocess_targets()
+    return data_targets() + preprocess_targets() + train_targets()
 
 
 # ---- OC20 archives ---------------------------------------------------------------------------

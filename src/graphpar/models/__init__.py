@@ -9,6 +9,7 @@ device, without allocating weights. Sizes (paper.md sections 1-2; reference-impl
 | dimenetpp | DimeNet++ | hidden 192, out_emb 192, int_emb 64, 3 blocks (OCP dpp.yml) | 1.8M |
 | dimenetpp-large | DimeNet++ | hidden 512, out_emb 384, int_emb 64, 3 blocks (OCP) | 10.8M |
 | dimenetpp-xl | DimeNet++ | hidden 2048, out_emb 1536, int_emb 256, 4 blocks (paper 4.1) | ~240M |
+| dimenetpp-small | DimeNet++ | hidden 64, out_emb 64, int_emb 32, basis 8, 3 blocks | default |
 | dimenetpp-tiny | DimeNet++ | hidden 16, out_emb 16, int_emb 8, basis 4, 2 blocks | CPU tests |
 | gemnet-dt | GemNet-dT | 3 blocks, atom/edge 512/512, trip/bil 64/64 (OCP gemnet-dT.yml) | 31M |
 | gemnet-xl | GemNet-dT | 6 blocks, atom/edge 128/1536, trip/bil 384/192 (gp-gemnet-xl) | ~300M |
@@ -16,6 +17,7 @@ device, without allocating weights. Sizes (paper.md sections 1-2; reference-impl
 | gemnet-245m | GemNet-dT | 4 blocks, atom/edge 1536/1024, trip/bil 192/96 (paper 2.4) | 245M |
 | gemnet-480m | GemNet-dT | 6 blocks, atom/edge 1792/1184, trip/bil 288/160 (paper 2.4) | 480M |
 | gemnet-960m | GemNet-dT | 8 blocks, atom/edge 2320/1302, trip/bil 512/288 (paper 2.4) | 960M |
+| gemnet-small | GemNet-dT | 3 blocks, atom/edge 64/64, trip/bil 32/32, 16 Gaussians | default |
 | gemnet-tiny | GemNet-dT | 2 blocks, atom/edge 16/16, trip/bil 8/8, rbf/cbf 4/4 | CPU tests |
 
 GemNet configurations share the OC20 settings of gemnet-dT.yml (rbf/cbf 16, 128 Gaussians,
@@ -58,6 +60,16 @@ MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
     "dimenetpp-xl": (
         DimeNetPlusPlus,
         dict(hidden_channels=2048, out_emb_channels=1536, int_emb_size=256, num_blocks=4),
+    ),
+    "dimenetpp-small": (
+        DimeNetPlusPlus,
+        dict(
+            hidden_channels=64,
+            out_emb_channels=64,
+            int_emb_size=32,
+            basis_emb_size=8,
+            num_blocks=3,
+        ),
     ),
     "dimenetpp-tiny": (
         DimeNetPlusPlus,
@@ -105,6 +117,7 @@ MODELS.update(
         "gemnet-245m": (GemNetT, _gemnet(4, 1536, 1024, 192, 96)),
         "gemnet-480m": (GemNetT, _gemnet(6, 1792, 1184, 288, 160)),
         "gemnet-960m": (GemNetT, _gemnet(8, 2320, 1302, 512, 288)),
+        "gemnet-small": (GemNetT, dict(_gemnet(3, 64, 64, 32, 32), num_radial=16)),
         "gemnet-tiny": (
             GemNetT,
             dict(

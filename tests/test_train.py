@@ -1,0 +1,282 @@
+"""Training with real processes: `python -m graphpar.train` and `torchrun` (gloo on 127.0.0.1)
+on the tiny workflow's preprocessed data.
+
+Graph x data parallel runs end with the serial run's weights; a run killed by a real signal
+resumes to exactly the weights of an uninterrupted run (also under torchrun --max-restarts);
+corrupt checkpoints, foreign checkpoints, NaN losses and impossible configs fail clearly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tool_env
+
+from graphpar.data.dataset import BalancedBatchSampler
+from graphpar.data.lmdb import ShardedLmdb, ShardWriter, write_metadata
+from graphpar.train import TrainingError, load_config, read_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_workflow) -> dict[str, str]:
+    root = tiny_workflow / "resources/mini/lmdb/s2ef"
+    return {"train": str(root / "train"), "val": str(root / "val_id")}
+
+
+def run_config(data, model="dimenetpp-tiny", **overrides) -> dict:
+    """A few float64 steps of a tiny model on the tiny workflow's data."""
+    config = {
+        "model": model,
+        "model_args": {"output_initializer": "glorot_orthogonal"} if "dimenet" in model else {},
+        "train": [data["train"]],
+        "val": data["val"],
+        "batch_size": 4,
+        "val_batch_size": 4,
+        "max_steps": 4,
+        "eval_every": 2,
+        "checkpoint_every": 2,
+        "dtype": "float64",
+        "optimizer": {"lr": 1e-3},
+        "normalization": {"energy_mean": -0.5, "energy_std": 0.7},
+    }
+    return {**config, **overrides}
+
+
+def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subprocess.Popen:
+    """`python -m graphpar.train` (1 process) or torchrun (several), logs in out.parent."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    if processes == 1 and not torchrun_args:
+        command = [sys.executable, "-m", "graphpar.train"]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={processes}",
+            *torchrun_args,
+            "-m",
+            "graphpar.train",
+        ]
+    env = dict(tool_env(), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(
+        [*command, "--config", str(path), "--out", str(out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+    )
+
+
+def train(config, out: Path, processes: int = 1, torchrun_args=()) -> dict:
+    process = launch(config, out, processes, torchrun_args)
+    code = process.wait(timeout=500)
+    log = (out.parent / f"{out.name}.log").read_text()
+    assert code == 0, log[-4000:]
+    return read_checkpoint(out / "final.pt")
+
+
+def fails(config, out: Path, processes: int = 1) -> str:
+    """Run expecting failure; the log (stdout + stderr)."""
+    process = launch(config, out, processes)
+    assert process.wait(timeout=300) != 0
+    return (out.parent / f"{out.name}.log").read_text()
+
+
+def weights(state) -> dict[str, torch.Tensor]:
+    named = dict(state["model"])
+    named.update({f"ema.{i}": t for i, t in enumerate(state["ema"]["shadow"])})
+    return named
+
+
+def assert_close(a, b, rtol) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        scale = b[name].abs().max().clamp(min=1e-30)
+        assert float((a[name] - b[name]).abs().max() / scale) <= rtol, name
+
+
+def assert_equal(a, b) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def wait_for_checkpoint(out: Path, process: subprocess.Popen, step: int) -> None:
+    """Poll until checkpoint.pt holds at least `step` steps."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        path = out / "checkpoint.pt"
+        if path.exists():
+            try:
+                if read_checkpoint(path)["step"] >= step:
+                    return
+            except (TrainingError, RuntimeError, EOFError):
+                pass  # replaced while reading
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["dimenetpp-tiny", "gemnet-tiny"])
+def test_graph_and_data_parallel_training_match_serial(data, model, tmp_path):
+    """4 steps (float64) with G = 2 and G x D = 2 x 2 end with the weights (and EMA weights) of
+    G = 1 on the same global batches, to 1e-8 relative; validation metrics agree too."""
+    config = run_config(data, model)
+    serial = train(config, tmp_path / "g1")
+    assert serial["step"] == 4
+    gp = train(dict(config, gp_size=2), tmp_path / "g2", processes=2)
+    both = train(dict(config, gp_size=2, dp_size=2), tmp_path / "g2d2", processes=4)
+    initial = read_checkpoint(tmp_path / "g1" / "checkpoint.pt")  # the end state, step 4
+    assert_equal(weights(initial), weights(serial))
+    for result in (gp, both):
+        assert_close(weights(result), weights(serial), rtol=1e-8)
+        for key in ("energy_mae", "forces_mae"):
+            assert result["best"][key] == pytest.approx(serial["best"][key], rel=1e-8)
+    lines = [json.loads(x) for x in (tmp_path / "g2d2" / "metrics.jsonl").read_text().splitlines()]
+    train_lines = [x for x in lines if x["split"] == "train"]
+    assert [x["step"] for x in train_lines] == [1, 2, 3, 4]
+    assert all(len(x["peak_memory_mb"]) == 4 for x in train_lines)
+    assert {x["step"] for x in lines if x["split"] == "val"} == {2, 4}
+
+
+def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
+    """SIGKILL after the step-2 checkpoint; the restarted run (same command, no flag) ends with
+    exactly the uninterrupted run's weights, optimiser and EMA, and metrics.jsonl has one line
+    per step."""
+    config = run_config(data, max_steps=12, checkpoint_every=2, eval_every=4)
+    reference = train(config, tmp_path / "reference")
+
+    process = launch(config, tmp_path / "killed")
+    wait_for_checkpoint(tmp_path / "killed", process, step=2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "final.pt").exists()
+    resumed = train(config, tmp_path / "killed")
+    assert "resumed from" in (tmp_path / "killed.log").read_text()
+    assert_equal(weights(resumed), weights(reference))
+    assert resumed["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").open()]
+    assert steps == [json.loads(x)["step"] for x in (tmp_path / "reference/metrics.jsonl").open()]
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, tmp_path):
+    """torchrun --max-restarts=1, G = 2: one rank killed by SIGKILL mid-run; the group restarts,
+    resumes from the last checkpoint, and ends with the uninterrupted run's weights."""
+    config = run_config(data, "gemnet-tiny", gp_size=2, max_steps=12, checkpoint_every=2)
+    reference = train(config, tmp_path / "reference", processes=2)
+
+    out = tmp_path / "restarted"
+    process = launch(config, out, processes=2, torchrun_args=["--max-restarts=1"])
+    wait_for_checkpoint(out, process, step=2)
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    assert process.wait(timeout=500) == 0, (tmp_path / "restarted.log").read_text()[-4000:]
+    assert "resumed from" in (tmp_path / "restarted.log").read_text()
+    assert_equal(weights(read_checkpoint(out / "final.pt")), weights(reference))
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid` (Linux /proc)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(c) for c in text)
+    return sorted(children)
+
+
+def test_corrupt_and_foreign_checkpoints_are_refused(data, tmp_path):
+    config = run_config(data, max_steps=2)
+    out = tmp_path / "run"
+    train(config, out)
+    good = (out / "checkpoint.pt").read_bytes()
+
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 2])
+    assert "truncated or not a checkpoint" in fails(dict(config, max_steps=3), out)
+
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 3] ^= 0xFF
+    (out / "checkpoint.pt").write_bytes(bytes(corrupt))
+    assert "is corrupt" in fails(dict(config, max_steps=3), out)
+
+    (out / "checkpoint.pt").write_bytes(good)
+    message = fails(dict(config, optimizer={"lr": 2e-3}), out)
+    assert "belongs to a different config" in message
+    # Longer runs of the same config continue from it.
+    assert train(dict(config, max_steps=3), out)["step"] == 3
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
+    """A NaN energy label in the 3rd batch: the run stops naming step 3 and the systems, and
+    checkpoint.pt stays the step-2 state."""
+    source = ShardedLmdb(data["train"])
+    arrays = {name: values[:12] for name, values in source.arrays.items()}
+    batches = list(BalancedBatchSampler(arrays["natoms"], batch_size=4, seed=0))
+    poisoned = batches[2][0]  # the order the run's sampler draws (balance_on atoms, seed 0)
+    nan_data = tmp_path / "nan"
+    nan_data.mkdir()
+    with ShardWriter(nan_data / "data.0000.lmdb") as writer:
+        for index in range(12):
+            sample = dict(source[index])
+            if index == poisoned:
+                sample["energy"] = np.full_like(sample["energy"], np.nan)
+            writer.append(sample)
+    write_metadata(nan_data, {"cutoff": source.metadata["cutoff"]}, arrays)
+
+    config = run_config({"train": str(nan_data), "val": None}, max_steps=6, checkpoint_every=1)
+    out = tmp_path / "run"
+    log = fails(dict(config, balance_on="atoms", seed=0), out)
+    sid = int(source[poisoned]["sid"])
+    assert "non-finite loss (nan) at step 3" in log and str(sid) in log, log[-2000:]
+    assert "Traceback" not in log
+    assert read_checkpoint(out / "checkpoint.pt")["step"] == 2
+    assert not (out / "final.pt").exists()
+
+
+def test_impossible_configs_fail_before_any_work(data, tmp_path):
+    base = run_config(data)
+    cases = {
+        "gp_size 2 does not divide the world size 1": dict(base, gp_size=2),
+        "unknown model 'dimenetpp-huge'": dict(base, model="dimenetpp-huge"),
+        "training dataset /nonexistent": dict(base, train=["/nonexistent"]),
+        "Additional properties are not allowed ('learning_rate'": dict(base, learning_rate=1),
+        "set max_steps or epochs": dict(base, max_steps=None),
+        "task is2re has no force labels": dict(base, task="is2re"),
+        "preprocessed with cutoff 6.0 A but the model uses 5.0 A": dict(
+            base, model_args={"cutoff": 5.0}
+        ),
+    }
+    for number, (message, config) in enumerate(cases.items()):
+        out = tmp_path / f"case{number}"
+        log = fails(config, out)
+        assert message in log, (message, log[-2000:])
+        assert not (out / "checkpoint.pt").exists()
+        assert "Traceback" not in log, log[-2000:]
+    with pytest.raises(TrainingError, match="batch_size"):
+        load_config(dict(base, batch_size=0))
+
+
+def test_cli_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "graphpar.train", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and "torchrun" in result.stdout
