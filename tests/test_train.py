@@ -280,3 +280,42 @@ def test_cli_help():
         [sys.executable, "-m", "graphpar.train", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "torchrun" in result.stdout
+
+
+def test_fine_tuning_starts_from_a_checkpoint_with_exponential_decay(tiny_workflow, tmp_path):
+    """GemNet-XL-FT's recipe on the tiny data: energy-only on IS2RE from the workflow's trained
+    DimeNet++, x gamma per epoch; with a negligible learning rate the weights stay the source's
+    EMA weights."""
+    source = tiny_workflow / "results" / "tiny" / "checkpoints" / "dimenetpp" / "final.pt"
+    is2re = tiny_workflow / "resources" / "mini" / "lmdb" / "is2re"
+    config = {
+        "model": "dimenetpp-tiny",
+        "task": "is2re",
+        "train": [str(is2re / "train")],
+        "val": str(is2re / "val_id"),
+        "init_checkpoint": str(source),
+        "batch_size": 2,
+        "epochs": 2,
+        "eval_every": 100,
+        "optimizer": {"lr": 1e-12},
+        "scheduler": {"kind": "exponential", "gamma": 0.5},
+        "loss": {"energy_coefficient": 1, "force_coefficient": 0},
+    }
+    tuned = train(config, tmp_path / "ft")
+    lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    rates = {x["step"]: x["lr"] for x in lines if x["split"] == "train"}
+    assert rates == {1: 1e-12, 2: 1e-12, 3: 5e-13, 4: 5e-13}  # 4 systems, 2 steps per epoch
+    assert "forces_mae" not in [x for x in lines if x["split"] == "val"][-1]
+    start = read_checkpoint(source)
+    for shadow, tuned_param in zip(start["ema"]["shadow"], tuned["ema"]["shadow"], strict=True):
+        assert torch.allclose(shadow, tuned_param, rtol=1e-6, atol=1e-9)
+    assert tuned["normalization"] != start["normalization"]  # IS2RE statistics, not S2EF's
+
+
+def test_datasets_concatenate(data):
+    from graphpar.train import open_datasets
+
+    config = load_config(run_config(data, train=[data["train"], data["val"]]))
+    dataset, sizes, parts = open_datasets(config, "dimenetpp")
+    assert len(dataset) == len(parts[0]) + len(parts[1]) == len(sizes)
+    assert int(dataset[len(parts[0])].sid) == int(parts[1][0].sid)
