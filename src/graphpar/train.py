@@ -497,6 +497,9 @@ def train(config: Mapping, out: str | os.PathLike) -> Path:
     dataset, sizes, parts = open_datasets(config, kind)
     check_cutoff(probe, parts)
     del probe
+    # How the training graphs were built, so inference (relaxations, the ASE calculator) builds
+    # the same ones.
+    graph_settings = {key: parts[0].metadata.get(key) for key in ("cutoff", "max_neighbors")}
     val_dataset = None
     if config["val"] is not None:
         try:
@@ -584,6 +587,7 @@ def train(config: Mapping, out: str | os.PathLike) -> Path:
             "scheduler": None if scheduler is None else scheduler.state_dict(),
             "ema": None if ema is None else ema.state_dict(),
             "normalization": dict(stats),
+            "graph": graph_settings,
             "rng": rng_state(),
             "best": best,
         }
