@@ -14,10 +14,18 @@
 #   resources/oc20/manual/          place archives downloaded by hand here
 #   results/<experiment>/           everything computed from the data
 #     checkpoints/<run>/            final.pt, checkpoint.pt (resume), metrics.jsonl, train.log
+#     metrics/<run>/<task>_<split>.json   metrics with provenance
+#     predictions/<run>/<task>_<split>.npz per-system predictions (OC20 submission format)
+#     relaxations/<run>/<split>/<sid>.extxyz  ML-relaxed structures with energies and forces
 #   logs/<rule>/...                 one log per job
 
 
-configfile: "config/config.yaml"
+# A --configfile given on the command line replaces the default instead of being merged into it
+# (a paper config must not inherit the embedded run's models); missing keys take the schema's
+# defaults.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"
@@ -39,6 +47,13 @@ include: "workflow/rules/preprocess.smk"
 
 
 include: "workflow/rules/train.smk"
+
+
+# ---- evaluate -----------------------------------------------------------------------------------
+
+
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/relax.smk"
 
 
 onstart:

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -68,6 +69,53 @@ def test_tiny_run_trains_both_models_through_torchrun(tiny_workflow):
 
 
 TRIPLETS = ("dimenetpp", "gemnet")
+
+
+def test_tiny_run_relaxes_every_val_and_test_split(tiny_workflow):
+    """IS2RS and IS2RE metrics per (run, split) with FbT/AFbT from EMT, relaxed structures and
+    submission-format predictions."""
+    results = tiny_workflow / "results" / "tiny"
+    for run in ("dimenetpp", "gemnet"):
+        for split in ("val_id", "val_ood_ads", "test_ood_cat", "test_ood_both"):
+            data = LmdbDataset(tiny_workflow / "resources/mini/lmdb/is2re" / split)
+            is2rs = json.loads((results / "metrics" / run / f"is2rs_{split}.json").read_text())
+            is2re = json.loads((results / "metrics" / run / f"is2re_{split}.json").read_text())
+            assert is2rs["n_systems"] == is2re["n_systems"] == len(data)
+            if len(data) == 0:  # a tiny split whose only relaxation did not converge
+                assert is2rs["adwt"] is None and is2re["energy_mae"] is None
+                assert is2rs["reason"] == "the split has no systems"
+                continue
+            for key in ("adwt", "fbt", "afbt"):  # EMT covers every element of the mini data
+                assert 0 <= is2rs[key] <= 1, key
+            assert is2re["energy_mae"] >= 0 and 0 <= is2re["ewt"] <= 1
+            assert is2rs["oracle"] == "emt" and is2rs["provenance"]["model"] == f"{run}-tiny"
+            relaxed = sorted((results / "relaxations" / run / split).glob("*.extxyz"))
+            assert [int(p.stem) for p in relaxed] == sorted(int(s.sid) for s in data)
+            energies = np.load(results / "predictions" / run / f"is2re_{split}.npz")["energy"]
+            assert len(energies) == len(data)
+
+
+def test_tiny_run_evaluates_every_val_and_test_split(tiny_workflow):
+    """One metrics JSON per (run, split) with OC20's S2EF keys and provenance, and predictions
+    in OC20's submission layout, consistent with the split."""
+    results = tiny_workflow / "results" / "tiny"
+    for run in ("dimenetpp", "gemnet"):
+        for split in ("val_id", "val_ood_ads", "test_ood_cat", "test_ood_both"):
+            metrics = json.loads((results / "metrics" / run / f"s2ef_{split}.json").read_text())
+            assert metrics["task"] == "s2ef" and metrics["split"] == split
+            data = LmdbDataset(tiny_workflow / "resources/mini/lmdb/s2ef" / split)
+            assert metrics["n_systems"] == len(data) > 0
+            for key in ("energy_mae", "forces_mae", "forces_cos", "efwt"):
+                assert isinstance(metrics[key], float), key
+            assert 0 <= metrics["efwt"] <= 1 and -1 <= metrics["forces_cos"] <= 1
+            origin = metrics["provenance"]
+            assert origin["model"] == f"{run}-tiny" and len(origin["checkpoint_sha256"]) == 64
+            assert origin["versions"]["torch"].startswith("2.13.0")
+            predictions = np.load(results / "predictions" / run / f"s2ef_{split}.npz")
+            assert len(predictions["ids"]) == len(predictions["energy"]) == len(data)
+            free = sum(int((~data[i].fixed.bool()).sum()) for i in range(len(data)))
+            assert predictions["forces"].shape == (free, 3)
+            assert len(predictions["chunk_idx"]) == len(data) - 1
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,6 @@
-"""Evaluate a trained checkpoint on an S2EF split: OC20's metrics and per-system predictions.
+"""Evaluate a trained checkpoint: S2EF metrics on a split, or ML relaxations of an IS2RE/IS2RS
+split with IS2RS (ADwT, FbT and AFbT from an oracle calculator) and IS2RE (energy MAE, EwT)
+metrics, plus per-system predictions in OC20's submission layout.
 
     python -m graphpar.evaluate s2ef \\
         --checkpoint results/mini/checkpoints/gemnet/final.pt \\
@@ -12,6 +14,19 @@ commit, package versions). A split without labels (OC20's test splits) gets `nul
 with the reason, and its predictions are what the OC20 evaluation server takes: `ids`
 ("<sid>_<fid>"), `energy` and free-atom `forces` as float16 with `chunk_idx` (cumulative split
 points of the forces per system), as fairchem's make_submission_file.py expects.
+
+    python -m graphpar.evaluate relax \\
+        --checkpoint results/mini/checkpoints/gemnet/final.pt \\
+        --data resources/mini/lmdb/is2re/val_id --split val_id \\
+        --out-dir results/mini/relaxations/gemnet/val_id \\
+        --metrics-dir results/mini/metrics/gemnet --predictions-dir results/mini/predictions/gemnet
+
+Relaxations (`graphpar.relax`: batched L-BFGS, maxstep 0.04, memory 50, damping 1, alpha 70,
+fmax 0.05, at most 200 steps, graphs rebuilt every step as the model was trained) write
+`<out-dir>/<sid>.extxyz` per system and resume, skipping systems already relaxed. The metrics
+files are `is2rs_<split>.json` (adwt, fbt, afbt, n_systems) and `is2re_<split>.json`
+(energy_mae, ewt, n_systems); the predictions `is2rs_<split>.npz` (ids, free-atom pos,
+chunk_idx) and `is2re_<split>.npz` (ids, energy).
 """
 
 from __future__ import annotations
@@ -116,7 +131,15 @@ def evaluate_s2ef(
             counts.append(int(mask.sum()))
         energies.append(energy.numpy())
 
-    if labelled:
+    if not len(dataset):
+        metrics = {
+            "task": "s2ef",
+            "split": split,
+            **{k: None for k in ("energy_mae", "forces_mae", "forces_cos", "efwt")},
+            "n_systems": 0,
+            "reason": "the split has no systems",
+        }
+    elif labelled:
         metrics = {"task": "s2ef", "split": split, **sums.result("s2ef")}
     else:
         metrics = {
@@ -133,12 +156,105 @@ def evaluate_s2ef(
         with atomic_path(predictions_path) as temporary, open(temporary, "wb") as f:
             np.savez_compressed(
                 f,
-                ids=np.array(ids),
-                energy=np.concatenate(energies).astype(np.float16),
-                forces=np.concatenate(forces).astype(np.float16),
+                ids=np.array(ids, dtype=str),
+                energy=np.concatenate(energies or [np.zeros(0)]).astype(np.float16),
+                forces=np.concatenate(forces or [np.zeros((0, 3))]).astype(np.float16),
                 chunk_idx=np.cumsum(counts)[:-1],
             )
     return metrics
+
+
+def evaluate_relaxations(
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    out_dir: Path,
+    metrics_dir: Path,
+    predictions_dir: Path,
+    oracle: str = "emt",
+    batch_size: int = 8,
+    fmax: float = 0.05,
+    steps: int = 200,
+    device: str = "cpu",
+) -> dict:
+    """Relax every system of an IS2RE/IS2RS split with the model; IS2RS and IS2RE metrics
+    (null with the reason where labels or an oracle are missing) and predictions."""
+    from ase.io import read
+
+    from graphpar.metrics import is2re_metrics, is2rs_metrics
+    from graphpar.oracle import fbt_afbt, oracle_max_forces
+    from graphpar.relax import relax_dataset
+
+    model = load_trained(checkpoint, device)
+    graph = read_checkpoint(checkpoint).get("graph") or {}
+    cutoff = graph.get("cutoff") or float(model.model.cutoff)
+    max_neighbors = graph.get("max_neighbors", 50)
+    dataset = LmdbDataset(data)
+    samples = [dataset[i] for i in range(len(dataset))]
+    summaries = relax_dataset(
+        model,
+        samples,
+        out_dir,
+        batch_size=batch_size,
+        fmax=fmax,
+        steps=steps,
+        cutoff=cutoff,
+        max_neighbors=max_neighbors,
+    )
+    relaxed = [read(summary["path"]) for summary in summaries]
+    ids = [str(summary["sid"]) for summary in summaries]
+    energy = np.array([summary["energy"] for summary in summaries])
+    free = [~sample.fixed.bool().numpy() for sample in samples]
+    pos = [atoms.positions[mask] for atoms, mask in zip(relaxed, free, strict=True)]
+    origin = provenance(checkpoint, data)
+    converged = sum(bool(summary["converged"]) for summary in summaries)
+
+    labelled = bool(samples) and "pos_relaxed" in samples[0] and "energy_relaxed" in samples[0]
+    if not samples:  # e.g. a small embedded split whose only relaxation did not converge
+        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": 0}
+        is2re = {"energy_mae": None, "ewt": None, "n_systems": 0}
+        is2rs["reason"] = is2re["reason"] = "the split has no systems"
+    elif labelled:
+        oracle_result = oracle_max_forces(relaxed, oracle)
+        found = fbt_afbt(oracle_result)
+        is2rs = is2rs_metrics(
+            np.concatenate([atoms.positions for atoms in relaxed]),
+            torch.cat([sample.pos_relaxed for sample in samples]),
+            torch.stack([sample.cell.reshape(3, 3) for sample in samples]),
+            torch.stack([sample.pbc.reshape(3) for sample in samples]),
+            torch.stack([sample.natoms.reshape(()) for sample in samples]),
+            torch.cat([sample.fixed.bool() for sample in samples]),
+            oracle_max_force=oracle_result.max_forces,
+        )
+        is2rs = {**is2rs, "fbt": found["fbt"], "afbt": found["afbt"]}
+        if found["fbt_reason"]:
+            is2rs["fbt_reason"] = found["fbt_reason"]
+        is2re = is2re_metrics(energy, torch.stack([s.energy_relaxed.reshape(()) for s in samples]))
+    else:
+        reason = "the split has no relaxed labels (hidden test labels)"
+        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": len(samples)}
+        is2re = {"energy_mae": None, "ewt": None, "n_systems": len(samples)}
+        is2rs["reason"] = is2re["reason"] = reason
+    extra = {"oracle": oracle, "relaxed_converged": converged, "provenance": origin}
+    is2rs = {"task": "is2rs", "split": split, **is2rs, **extra}
+    is2re = {"task": "is2re", "split": split, **is2re, **extra}
+    write_json(metrics_dir / f"is2rs_{split}.json", is2rs)
+    write_json(metrics_dir / f"is2re_{split}.json", is2re)
+    predictions_dir.mkdir(parents=True, exist_ok=True)
+    for name, arrays in (
+        (
+            f"is2rs_{split}.npz",
+            {
+                "ids": np.array(ids, dtype=str),
+                "pos": np.concatenate(pos) if pos else np.zeros((0, 3)),
+                "chunk_idx": np.cumsum([len(p) for p in pos])[:-1],
+            },
+        ),
+        (f"is2re_{split}.npz", {"ids": np.array(ids, dtype=str), "energy": energy}),
+    ):
+        with atomic_path(predictions_dir / name) as temporary, open(temporary, "wb") as f:
+            np.savez_compressed(f, **arrays)
+    return {"is2rs": is2rs, "is2re": is2re}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -156,24 +272,48 @@ def main(argv: list[str] | None = None) -> None:
     s2ef.add_argument("--predictions", type=Path, help="predictions .npz to write")
     s2ef.add_argument("--batch-size", type=int, default=16)
     s2ef.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    relax = tasks.add_parser("relax", help="IS2RS/IS2RE: ML relaxations of one split")
+    relax.add_argument("--checkpoint", type=Path, required=True, help="a final.pt of a run")
+    relax.add_argument("--data", type=Path, required=True, help="preprocessed IS2RE split folder")
+    relax.add_argument("--split", required=True, help="split name recorded in the metrics")
+    relax.add_argument("--out-dir", type=Path, required=True, help="relaxed structures (resumed)")
+    relax.add_argument("--metrics-dir", type=Path, required=True)
+    relax.add_argument("--predictions-dir", type=Path, required=True)
+    relax.add_argument("--oracle", default="emt", help="'emt' or package.module:Calculator")
+    relax.add_argument("--batch-size", type=int, default=8)
+    relax.add_argument("--fmax", type=float, default=0.05, help="eV/A")
+    relax.add_argument("--steps", type=int, default=200)
+    relax.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     try:
-        metrics = evaluate_s2ef(
-            args.checkpoint,
-            args.data,
-            args.split,
-            args.metrics,
-            args.predictions,
-            args.batch_size,
-            args.device,
-        )
-    except (TrainingError, FileNotFoundError) as error:
+        if args.task == "s2ef":
+            options = (args.metrics, args.predictions, args.batch_size, args.device)
+            results = [evaluate_s2ef(args.checkpoint, args.data, args.split, *options)]
+        else:
+            found = evaluate_relaxations(
+                args.checkpoint,
+                args.data,
+                args.split,
+                args.out_dir,
+                args.metrics_dir,
+                args.predictions_dir,
+                args.oracle,
+                args.batch_size,
+                args.fmax,
+                args.steps,
+                args.device,
+            )
+            results = [found["is2rs"], found["is2re"]]
+    except (TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    shown = {k: v for k, v in metrics.items() if k != "provenance"}
-    print(
-        " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-    )
+    for metrics in results:
+        shown = {k: v for k, v in metrics.items() if k != "provenance"}
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -106,7 +106,7 @@ def train_split_dir(run, split):
     known = s2ef_splits() if task == "s2ef" else is2re_splits()
     if split not in known:
         raise ValueError(
-            f"train.{run}: split {split!r} is not a {task} split of this dataset "
+            f"config train.{run}: split {split!r} is not a {task} split of this dataset "
             f"(known: {', '.join(known)})"
         )
     return f"resources/{DATASET}/lmdb/{task}/{split}"
@@ -150,8 +150,48 @@ def train_targets():
     return [checkpoint(run) for run in TRAIN]
 
 
+# ---- evaluation -------------------------------------------------------------------------------
+
+
+def evaluated(splits):
+    """The val and test splits among `splits`, limited to config evaluate.splits if set."""
+    chosen = config["evaluate"]["splits"]
+    return [
+        split
+        for split in splits
+        if split.startswith(("val_", "test_")) and (chosen is None or split in chosen)
+    ]
+
+
+def s2ef_eval_splits():
+    """S2EF splits every S2EF run is evaluated on (test splits with hidden labels: predictions)."""
+    return evaluated(s2ef_splits())
+
+
+def s2ef_metrics(run, split):
+    return f"{RESULTS}/metrics/{run}/s2ef_{split}.json"
+
+
+def relax_splits():
+    """IS2RE/IS2RS splits every force model relaxes (hidden labels: predictions only)."""
+    return evaluated(is2re_splits())
+
+
+def relax_metrics(run, split):
+    return [f"{RESULTS}/metrics/{run}/{task}_{split}.json" for task in ("is2rs", "is2re")]
+
+
+def evaluate_targets():
+    force_runs = [run for run, run_config in TRAIN.items() if run_config["task"] == "s2ef"]
+    targets = [s2ef_metrics(run, split) for run in force_runs for split in s2ef_eval_splits()]
+    for run in force_runs:
+        for split in relax_splits():
+            targets += relax_metrics(run, split)
+    return targets
+
+
 def all_targets():
-    return data_targets() + preprocess_targets() + train_targets()
+    return data_targets() + preprocess_targets() + train_targets() + evaluate_targets()
 
 
 # ---- OC20 archives ---------------------------------------------------------------------------

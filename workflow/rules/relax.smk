@@ -1,0 +1,37 @@
+# ML relaxations (IS2RS/IS2RE): every force model relaxes every val and test IS2RE split with
+# batched L-BFGS; relaxed structures under results/<experiment>/relaxations/<run>/<split>/
+# (resumed when a job is restarted), IS2RS and IS2RE metrics (FbT/AFbT from the oracle
+# calculator) and OC20 submission-format predictions.
+
+
+rule relax:
+    input:
+        checkpoint=lambda wildcards: checkpoint(wildcards.run),
+        data=lambda wildcards: preprocessed_is2re(wildcards.split),
+    output:
+        is2rs=f"{RESULTS}/metrics/{{run}}/is2rs_{{split}}.json",
+        is2re=f"{RESULTS}/metrics/{{run}}/is2re_{{split}}.json",
+        predictions=multiext(
+            f"{RESULTS}/predictions/{{run}}/", "is2rs_{split}.npz", "is2re_{split}.npz"
+        ),
+    log:
+        f"logs/relax/{EXPERIMENT}/{{run}}/{{split}}.log",
+    wildcard_constraints:
+        run="|".join(map(re.escape, TRAIN)) or "(?!)",
+        split="|".join(relax_splits()) or "(?!)",
+    conda:
+        "../../envs/data.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=24 * 60,
+    params:
+        out_dir=lambda wildcards: f"{RESULTS}/relaxations/{wildcards.run}/{wildcards.split}",
+        metrics_dir=lambda wildcards: f"{RESULTS}/metrics/{wildcards.run}",
+        predictions_dir=lambda wildcards: f"{RESULTS}/predictions/{wildcards.run}",
+        oracle=config["evaluate"]["oracle"],
+    shell:
+        "python -m graphpar.evaluate relax --checkpoint {input.checkpoint} --data {input.data}"
+        " --split {wildcards.split} --out-dir {params.out_dir}"
+        " --metrics-dir {params.metrics_dir} --predictions-dir {params.predictions_dir}"
+        " --oracle {params.oracle:q} > {log} 2>&1"
