@@ -10,9 +10,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from gloo import process_group
+from model_worker import train_step
 
 from graphpar.models.gemnet import GemNetT, load_fairchem_state_dict
-from graphpar.parallel import get_dims, init_groups, sync_gradients
+from graphpar.parallel import get_dims, init_groups
 
 FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt")
 
@@ -47,17 +48,6 @@ def make_batch(seed: int = 0):
         energy=1000 * torch.randn(natoms.numel(), generator=g, dtype=torch.float64),
         forces=10 * torch.randn(pos.shape, generator=g, dtype=torch.float64),
     )
-
-
-def train_step(model, batch):
-    model.zero_grad(set_to_none=True)
-    out = model(batch)
-    loss = (out["energy"] - batch.energy).abs().mean()
-    loss = loss + (out["forces"] - batch.forces).norm(dim=1).mean()
-    loss.backward()
-    sync_gradients(model)
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return out["energy"].detach(), out["forces"].detach(), grads
 
 
 def worker(rank: int, world_size: int, port: int, gp_size: int, out: str) -> None:

@@ -15,7 +15,13 @@ import torch
 from conftest import tool_env
 from torch.utils.data import DataLoader
 
-from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
+from graphpar.data.dataset import (
+    TRIPLET_FIELDS,
+    BalancedBatchSampler,
+    LmdbDataset,
+    balanced_partition,
+    collate,
+)
 from graphpar.data.graph import atoms_to_sample, edge_vectors
 from graphpar.data.lmdb import iter_pyg_lmdb
 from graphpar.data.mini import SPLITS, MiniConfig, generate
@@ -129,15 +135,7 @@ def test_triplets_built_in_loader_workers_equal_stored_ones(processed):
     count = 0
     for index, sample in enumerate(loader):
         reference = by_key[int(sample.sid), int(sample.fid)]
-        for name in (
-            "idx_kj",
-            "idx_ji",
-            "edge_index_sym",
-            "cell_offsets_sym",
-            "id_swap",
-            "id3_ba",
-            "id3_ca",
-        ):
+        for name in (name for names in TRIPLET_FIELDS.values() for name in names):
             assert torch.equal(sample[name], reference[name]), name
         # The counts stored for load balancing match the triplets the loader built.
         assert lean.sizes("triplets_dimenetpp")[index] == len(sample.idx_kj)

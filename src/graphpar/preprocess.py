@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from graphpar.data.dataset import TRIPLET_FIELDS
 from graphpar.data.graph import atoms_to_sample, triplet_counts
 from graphpar.data.lmdb import (
     LmdbFormatError,
@@ -55,10 +56,6 @@ from graphpar.io import atomic_directory, count_lines, open_text_or_xz
 # Errors that mean bad input: reported as one clear line naming the file (and sample).
 INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError)
 TXT_LINE = re.compile(r"^random(\d+),frame(-?\d+),(\S+)$")
-TRIPLET_FIELDS = {
-    "dimenetpp": ("idx_kj", "idx_ji"),
-    "gemnet": ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca"),
-}
 # Per-sample arrays of metadata.npz: samplers balance on them without reading the shards.
 METADATA_ARRAYS = ("natoms", "num_edges", "num_triplets_dimenetpp", "num_triplets_gemnet")
 

@@ -14,6 +14,7 @@ other systems of its batch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -23,19 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from graphpar.data.dataset import TRIPLET_FIELDS
 from graphpar.data.graph import radius_graph_batch
 from graphpar.io import atomic_path
 
 # Batch fields derived from the graph; stale once atoms move (the models rebuild them if absent).
-TRIPLET_KEYS = (
-    "idx_kj",
-    "idx_ji",
-    "edge_index_sym",
-    "cell_offsets_sym",
-    "id_swap",
-    "id3_ba",
-    "id3_ca",
-)
+TRIPLET_KEYS = tuple(key for keys in TRIPLET_FIELDS.values() for key in keys)
 
 
 @dataclass
@@ -101,6 +95,19 @@ def _evaluate(model, batch) -> tuple[Tensor, Tensor]:
     return out["energy"].detach().reshape(-1).double(), out["forces"].detach().double()
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode inside the block, its own mode after."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train(True)
+
+
 def relax_batch(
     model,
     batch,
@@ -125,155 +132,120 @@ def relax_batch(
     """
     if maxstep > 1.0:
         raise ValueError(f"maxstep {maxstep} A is much too large")
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        return _relax(
-            model,
-            batch,
-            fmax,
-            steps,
-            maxstep,
-            memory,
-            damping,
-            alpha,
-            cutoff,
-            max_neighbors,
-            rebuild_graph,
-            trajectory,
+    with _eval_mode(model), torch.no_grad():
+        model_dtype = batch.pos.dtype
+        device = batch.pos.device
+        natoms = batch.natoms.reshape(-1).long()
+        num_systems = natoms.numel()
+        structure = getattr(batch, "batch", None)
+        if structure is None:
+            structure = torch.repeat_interleave(torch.arange(num_systems, device=device), natoms)
+        fixed = getattr(batch, "fixed", None)
+        free = (
+            torch.ones(batch.pos.shape[0], dtype=torch.bool, device=device)
+            if fixed is None
+            else ~fixed.bool()
         )
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train(True)
+        free3 = free.unsqueeze(-1).double()
+        h0 = 1.0 / alpha  # ASE's initial inverse Hessian is diag(1/alpha)
 
+        def dot(a: Tensor, b: Tensor) -> Tensor:
+            return _segment_sum((a * b).sum(-1), structure, num_systems)
 
-@torch.no_grad()
-def _relax(
-    model,
-    batch,
-    fmax,
-    steps,
-    maxstep,
-    memory,
-    damping,
-    alpha,
-    cutoff,
-    max_neighbors,
-    rebuild_graph,
-    trajectory,
-) -> RelaxResult:
-    model_dtype = batch.pos.dtype
-    device = batch.pos.device
-    natoms = batch.natoms.reshape(-1).long()
-    num_systems = natoms.numel()
-    structure = getattr(batch, "batch", None)
-    if structure is None:
-        structure = torch.repeat_interleave(torch.arange(num_systems, device=device), natoms)
-    fixed = getattr(batch, "fixed", None)
-    free = (
-        torch.ones(batch.pos.shape[0], dtype=torch.bool, device=device)
-        if fixed is None
-        else ~fixed.bool()
-    )
-    free3 = free.unsqueeze(-1).double()
-    h0 = 1.0 / alpha  # ASE's initial inverse Hessian is diag(1/alpha)
+        def per_atom(values: Tensor) -> Tensor:
+            return values[structure].unsqueeze(-1)
 
-    def dot(a: Tensor, b: Tensor) -> Tensor:
-        return _segment_sum((a * b).sum(-1), structure, num_systems)
-
-    def per_atom(values: Tensor) -> Tensor:
-        return values[structure].unsqueeze(-1)
-
-    pos = batch.pos.detach().double().clone()
-    current = (
-        batch
-        if "edge_index" in batch
-        else _with_positions(batch, batch.pos, True, cutoff, max_neighbors)
-    )
-    energy, raw_forces = _evaluate(model, current)
-    calls = 1
-    forces = raw_forces * free3
-    active = torch.ones(num_systems, dtype=torch.bool, device=device)
-    converged = torch.zeros(num_systems, dtype=torch.bool, device=device)
-    nsteps = torch.zeros(num_systems, dtype=torch.long, device=device)
-    traj_pos, traj_energy, traj_forces = [pos.clone()], [energy.clone()], [raw_forces.clone()]
-
-    s_hist: list[Tensor] = []
-    y_hist: list[Tensor] = []
-    rho_hist: list[Tensor] = []
-    r0 = f0 = None
-    step = 0
-    while True:
-        fnorm = _segment_max(_atom_norms(forces), structure, num_systems)
-        converged = converged | (active & (fnorm < fmax))
-        active = active & ~converged
-        if not bool(active.any()) or step >= steps:
-            break
-        # ASE LBFGS.update: history from the previous step (active systems only).
-        if step > 0:
-            s0 = (pos - r0) * per_atom(active.double())
-            y0 = (f0 - forces) * per_atom(active.double())  # gradient - gradient0
-            rho0 = torch.where(active, 1.0 / dot(y0, s0), torch.zeros_like(fnorm))
-            s_hist.append(s0)
-            y_hist.append(y0)
-            rho_hist.append(rho0)
-            if step > memory:
-                s_hist.pop(0)
-                y_hist.pop(0)
-                rho_hist.pop(0)
-        # LBFGSMethod.compute_step: two-loop recursion with per-system dot products.
-        q = -forces
-        a = [None] * len(s_hist)
-        for i in range(len(s_hist) - 1, -1, -1):
-            a[i] = rho_hist[i] * dot(s_hist[i], q)
-            q = q - per_atom(a[i]) * y_hist[i]
-        z = q * h0
-        for i in range(len(s_hist)):
-            b = rho_hist[i] * dot(y_hist[i], z)
-            z = z + s_hist[i] * per_atom(a[i] - b)
-        p = -z
-        # LBFGS.determine_step: scale each system's longest atomic step to maxstep.
-        longest = _segment_max(_atom_norms(p), structure, num_systems)
-        scale = torch.where(longest >= maxstep, maxstep / longest, torch.ones_like(longest))
-        dr = p * per_atom(scale) * damping
-        move = (active[structure] & free).unsqueeze(-1)
-        r0, f0 = pos, forces
-        pos = torch.where(move, pos + dr, pos)
-        step += 1
-        nsteps = nsteps + active.long()
-
-        current = _with_positions(batch, pos.to(model_dtype), rebuild_graph, cutoff, max_neighbors)
-        new_energy, new_raw = _evaluate(model, current)
-        calls += 1
-        # Frozen systems keep the values of their own final positions (batch independence).
-        energy = torch.where(active, new_energy, energy)
-        raw_forces = torch.where(per_atom(active), new_raw, raw_forces)
+        pos = batch.pos.detach().double().clone()
+        current = (
+            batch
+            if "edge_index" in batch
+            else _with_positions(batch, batch.pos, True, cutoff, max_neighbors)
+        )
+        energy, raw_forces = _evaluate(model, current)
+        calls = 1
         forces = raw_forces * free3
-        if trajectory:
-            traj_pos.append(pos.clone())
-            traj_energy.append(energy.clone())
-            traj_forces.append(raw_forces.clone())
+        active = torch.ones(num_systems, dtype=torch.bool, device=device)
+        converged = torch.zeros(num_systems, dtype=torch.bool, device=device)
+        nsteps = torch.zeros(num_systems, dtype=torch.long, device=device)
+        traj_pos, traj_energy, traj_forces = [pos.clone()], [energy.clone()], [raw_forces.clone()]
 
-    bounds = torch.cumsum(natoms, 0).tolist()
-    starts = [0, *bounds[:-1]]
-    result = RelaxResult(
-        pos=[pos[s:e] for s, e in zip(starts, bounds, strict=True)],
-        energy=energy,
-        forces=[raw_forces[s:e] for s, e in zip(starts, bounds, strict=True)],
-        steps=nsteps.cpu(),
-        converged=converged.cpu(),
-        model_calls=calls,
-    )
-    if trajectory:
-        tp, te, tf = torch.stack(traj_pos), torch.stack(traj_energy), torch.stack(traj_forces)
-        result.trajectory_pos, result.trajectory_energy, result.trajectory_forces = [], [], []
-        for i, (s, e) in enumerate(zip(starts, bounds, strict=True)):
-            n = int(nsteps[i]) + 1
-            result.trajectory_pos.append(tp[:n, s:e])
-            result.trajectory_energy.append(te[:n, i])
-            result.trajectory_forces.append(tf[:n, s:e])
-    return result
+        s_hist: list[Tensor] = []
+        y_hist: list[Tensor] = []
+        rho_hist: list[Tensor] = []
+        r0 = f0 = None
+        step = 0
+        while True:
+            fnorm = _segment_max(_atom_norms(forces), structure, num_systems)
+            converged = converged | (active & (fnorm < fmax))
+            active = active & ~converged
+            if not bool(active.any()) or step >= steps:
+                break
+            # ASE LBFGS.update: history from the previous step (active systems only).
+            if step > 0:
+                s0 = (pos - r0) * per_atom(active.double())
+                y0 = (f0 - forces) * per_atom(active.double())  # gradient - gradient0
+                rho0 = torch.where(active, 1.0 / dot(y0, s0), torch.zeros_like(fnorm))
+                s_hist.append(s0)
+                y_hist.append(y0)
+                rho_hist.append(rho0)
+                if step > memory:
+                    s_hist.pop(0)
+                    y_hist.pop(0)
+                    rho_hist.pop(0)
+            # LBFGSMethod.compute_step: two-loop recursion with per-system dot products.
+            q = -forces
+            a = [None] * len(s_hist)
+            for i in range(len(s_hist) - 1, -1, -1):
+                a[i] = rho_hist[i] * dot(s_hist[i], q)
+                q = q - per_atom(a[i]) * y_hist[i]
+            z = q * h0
+            for i in range(len(s_hist)):
+                b = rho_hist[i] * dot(y_hist[i], z)
+                z = z + s_hist[i] * per_atom(a[i] - b)
+            p = -z
+            # LBFGS.determine_step: scale each system's longest atomic step to maxstep.
+            longest = _segment_max(_atom_norms(p), structure, num_systems)
+            scale = torch.where(longest >= maxstep, maxstep / longest, torch.ones_like(longest))
+            dr = p * per_atom(scale) * damping
+            move = (active[structure] & free).unsqueeze(-1)
+            r0, f0 = pos, forces
+            pos = torch.where(move, pos + dr, pos)
+            step += 1
+            nsteps = nsteps + active.long()
+
+            current = _with_positions(
+                batch, pos.to(model_dtype), rebuild_graph, cutoff, max_neighbors
+            )
+            new_energy, new_raw = _evaluate(model, current)
+            calls += 1
+            # Frozen systems keep the values of their own final positions (batch independence).
+            energy = torch.where(active, new_energy, energy)
+            raw_forces = torch.where(per_atom(active), new_raw, raw_forces)
+            forces = raw_forces * free3
+            if trajectory:
+                traj_pos.append(pos.clone())
+                traj_energy.append(energy.clone())
+                traj_forces.append(raw_forces.clone())
+
+        bounds = torch.cumsum(natoms, 0).tolist()
+        starts = [0, *bounds[:-1]]
+        result = RelaxResult(
+            pos=[pos[s:e] for s, e in zip(starts, bounds, strict=True)],
+            energy=energy,
+            forces=[raw_forces[s:e] for s, e in zip(starts, bounds, strict=True)],
+            steps=nsteps.cpu(),
+            converged=converged.cpu(),
+            model_calls=calls,
+        )
+        if trajectory:
+            tp, te, tf = torch.stack(traj_pos), torch.stack(traj_energy), torch.stack(traj_forces)
+            result.trajectory_pos, result.trajectory_energy, result.trajectory_forces = [], [], []
+            for i, (s, e) in enumerate(zip(starts, bounds, strict=True)):
+                n = int(nsteps[i]) + 1
+                result.trajectory_pos.append(tp[:n, s:e])
+                result.trajectory_energy.append(te[:n, i])
+                result.trajectory_forces.append(tf[:n, s:e])
+        return result
 
 
 class CalculatorModel(torch.nn.Module):

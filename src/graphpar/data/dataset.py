@@ -22,7 +22,12 @@ from graphpar.data import graph
 from graphpar.data.lmdb import ShardedLmdb
 from graphpar.data.sample import Sample
 
-TRIPLET_KINDS = ("dimenetpp", "gemnet")
+# The batch fields each model's triplets need, by model family.
+TRIPLET_FIELDS = {
+    "dimenetpp": ("idx_kj", "idx_ji"),
+    "gemnet": ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca"),
+}
+TRIPLET_KINDS = tuple(TRIPLET_FIELDS)
 # Per-sample sizes in metadata.npz, by the name a sampler balances on.
 SIZE_ARRAYS = {
     "atoms": "natoms",
