@@ -162,8 +162,19 @@ def setup_processes(config: Mapping) -> torch.device:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=10)
+        store, rank, world_size = next(
+            dist.rendezvous("env://", int(os.environ["RANK"]), world_size, timeout=timeout)
+        )
+        # torchrun --max-restarts keeps its store across restarts: without a per-attempt
+        # prefix, restarted ranks read the dead attempt's addresses and never connect.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(
-            "nccl" if wants_cuda else "gloo", timeout=datetime.timedelta(minutes=10)
+            "nccl" if wants_cuda else "gloo",
+            store=dist.PrefixStore(f"graphpar/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
         )
     init_groups(gp_size)
     return device
