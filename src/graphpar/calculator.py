@@ -68,10 +68,10 @@ class GraphparCalculator(Calculator):
     def __init__(
         self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
     ):
-        from graphpar.train import load_trained, read_checkpoint
+        from graphpar.train import read_checkpoint, trained_model
 
         state = read_checkpoint(Path(checkpoint))
-        model = load_trained(checkpoint, device)
+        model = trained_model(state, device)
         cutoff, max_neighbors = graph_settings(state.get("graph"), model)
         self.checkpoint = str(checkpoint)
         self._setup(model, cutoff, max_neighbors, **kwargs)

@@ -45,7 +45,7 @@ from tqdm import tqdm
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.io import atomic_path, write_json
 from graphpar.metrics import MetricSums
-from graphpar.train import TrainingError, load_trained, read_checkpoint, triplet_kind
+from graphpar.train import TrainingError, read_checkpoint, trained_model, triplet_kind
 
 PACKAGES = ("graphpar", "torch", "torch-geometric", "ase", "numpy")
 
@@ -73,9 +73,8 @@ def git_commit() -> str | None:
     return result.stdout.strip()
 
 
-def provenance(checkpoint: Path, data: Path) -> dict:
-    """Where a metrics file's numbers come from."""
-    state = read_checkpoint(checkpoint)
+def provenance(checkpoint: Path, state: dict, data: Path) -> dict:
+    """Where a metrics file's numbers come from (`state`: the checkpoint, already read)."""
     versions = {}
     for package in PACKAGES:
         try:
@@ -106,7 +105,8 @@ def evaluate_s2ef(
 ) -> dict:
     """S2EF metrics of `checkpoint` on the preprocessed split `data`; writes the metrics JSON
     (and the predictions) atomically and returns the metrics."""
-    model = load_trained(checkpoint, device)
+    state = read_checkpoint(checkpoint)
+    model = trained_model(state, device)
     dtype = next(model.parameters()).dtype
     dataset = LmdbDataset(data, triplets=(triplet_kind(model.model),))
     labelled = len(dataset) > 0 and "energy" in dataset[0] and "forces" in dataset[0]
@@ -149,7 +149,7 @@ def evaluate_s2ef(
             "n_systems": len(dataset),
             "reason": "the split has no energy/force labels (hidden test labels)",
         }
-    metrics["provenance"] = provenance(checkpoint, data)
+    metrics["provenance"] = provenance(checkpoint, state, data)
     write_json(metrics_path, metrics)
     if predictions_path is not None:
         predictions_path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,14 +181,14 @@ def evaluate_relaxations(
     (null with the reason where labels or an oracle are missing) and predictions."""
     from ase.io import read
 
+    from graphpar.calculator import graph_settings
     from graphpar.metrics import is2re_metrics, is2rs_metrics
     from graphpar.oracle import fbt_afbt, oracle_max_forces
     from graphpar.relax import relax_dataset
 
-    model = load_trained(checkpoint, device)
-    graph = read_checkpoint(checkpoint).get("graph") or {}
-    cutoff = graph.get("cutoff") or float(model.model.cutoff)
-    max_neighbors = graph.get("max_neighbors", 50)
+    state = read_checkpoint(checkpoint)
+    model = trained_model(state, device)
+    cutoff, max_neighbors = graph_settings(state.get("graph"), model)
     dataset = LmdbDataset(data)
     samples = [dataset[i] for i in range(len(dataset))]
     summaries = relax_dataset(
@@ -206,7 +206,7 @@ def evaluate_relaxations(
     energy = np.array([summary["energy"] for summary in summaries])
     free = [~sample.fixed.bool().numpy() for sample in samples]
     pos = [atoms.positions[mask] for atoms, mask in zip(relaxed, free, strict=True)]
-    origin = provenance(checkpoint, data)
+    origin = provenance(checkpoint, state, data)
     converged = sum(bool(summary["converged"]) for summary in summaries)
 
     labelled = bool(samples) and "pos_relaxed" in samples[0] and "energy_relaxed" in samples[0]

@@ -368,7 +368,11 @@ def write_checkpoint(path: Path, state: Mapping) -> None:
 def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> Normalized:
     """A trained model from a checkpoint (its EMA weights if it has them), in eval mode, with
     outputs in eV and eV/A. For evaluation, relaxations and the ASE calculator."""
-    state = read_checkpoint(Path(path))
+    return trained_model(read_checkpoint(Path(path)), device)
+
+
+def trained_model(state: Mapping, device: str | torch.device = "cpu") -> Normalized:
+    """`load_trained` of a checkpoint already read (`read_checkpoint`)."""
     config = state["config"]
     model = build_normalized_model(config, state["normalization"])
     model.load_state_dict(state["model"])
