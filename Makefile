@@ -1,6 +1,7 @@
 # make install    .venv/ with torch==2.13.0 (CPU build) first, then graphpar and its test tools
 # make test       lint + the whole test suite (what CI runs)
-# make reproduce  the default pipeline: snakemake --cores all on config/config.yaml
+# make reproduce  the default pipeline on config/config.yaml, then its tables, figures and
+#                 report.html (results/tables/, results/figures/)
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -35,8 +36,11 @@ format: install
 test: lint
 	pytest
 
+# The report reads whatever results exist, so it runs after the pipeline, never inside it.
 reproduce: install
 	snakemake --cores all
+	snakemake --cores all report
+	snakemake report --report report.html
 
 clean:
 	rm -rf .snakemake logs

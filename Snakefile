@@ -15,8 +15,12 @@
 #   results/<experiment>/           everything computed from the data
 #     checkpoints/<run>/            final.pt, checkpoint.pt (resume), metrics.jsonl, train.log
 #     metrics/<run>/<task>_<split>.json   metrics with provenance
+#     metrics/<run>/training.jsonl  the run's learning curve (a copy of its metrics.jsonl)
 #     predictions/<run>/<task>_<split>.npz per-system predictions (OC20 submission format)
 #     relaxations/<run>/<split>/<sid>.extxyz  ML-relaxed structures with energies and forces
+#     scaling/<run>.json            the scaling study (config/paper/scaling.yaml)
+#   results/tables/, results/figures/   the report: the paper's tables and figures with our rows
+#   results/paper/, results/benchmarks/ tracked: the published numbers, benchmark measurements
 #   logs/<rule>/...                 one log per job
 
 
@@ -47,6 +51,7 @@ include: "workflow/rules/preprocess.smk"
 
 
 include: "workflow/rules/train.smk"
+include: "workflow/rules/scaling.smk"
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
@@ -54,6 +59,18 @@ include: "workflow/rules/train.smk"
 
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/relax.smk"
+
+
+# ---- report -------------------------------------------------------------------------------------
+# Not part of `rule all`: the report is built from whatever results exist, after the pipeline
+# (`snakemake --cores 1 report`, then `snakemake report --report report.html`; `make reproduce`
+# runs all three).
+
+
+report: "workflow/report/workflow.rst"
+
+
+include: "workflow/rules/report.smk"
 
 
 onstart:

@@ -91,8 +91,15 @@ def test_tiny_run_relaxes_every_val_and_test_split(tiny_workflow):
             assert is2rs["oracle"] == "emt" and is2rs["provenance"]["model"] == f"{run}-tiny"
             relaxed = sorted((results / "relaxations" / run / split).glob("*.extxyz"))
             assert [int(p.stem) for p in relaxed] == sorted(int(s.sid) for s in data)
-            energies = np.load(results / "predictions" / run / f"is2re_{split}.npz")["energy"]
-            assert len(energies) == len(data)
+            is2re_npz = np.load(results / "predictions" / run / f"is2re_{split}.npz")
+            assert len(is2re_npz["energy"]) == len(data)
+            targets = [float(data[i].energy_relaxed) for i in range(len(data))]
+            np.testing.assert_allclose(is2re_npz["energy_target"], targets)
+            is2rs_npz = np.load(results / "predictions" / run / f"is2rs_{split}.npz")
+            assert np.all(is2rs_npz["distance"] >= 0) and len(is2rs_npz["distance"]) == len(data)
+            assert np.all(is2rs_npz["oracle_max_force"] >= 0)
+            log = tiny_workflow / "logs" / "relax" / "tiny" / run / f"{split}.log"
+            assert "G x D = 2 x 1" in log.read_text()  # config evaluate.gp_size: 2
 
 
 def test_tiny_run_evaluates_every_val_and_test_split(tiny_workflow):
@@ -116,6 +123,10 @@ def test_tiny_run_evaluates_every_val_and_test_split(tiny_workflow):
             free = sum(int((~data[i].fixed.bool()).sum()) for i in range(len(data)))
             assert predictions["forces"].shape == (free, 3)
             assert len(predictions["chunk_idx"]) == len(data) - 1
+            np.testing.assert_allclose(
+                predictions["energy_target"], [float(data[i].energy) for i in range(len(data))]
+            )
+            assert predictions["forces_target"].shape == (free, 3)
 
 
 @pytest.mark.parametrize(

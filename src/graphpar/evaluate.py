@@ -13,7 +13,8 @@ n_systems, plus provenance (checkpoint sha256, its config hash, the dataset's me
 commit, package versions). A split without labels (OC20's test splits) gets `null` metrics
 with the reason, and its predictions are what the OC20 evaluation server takes: `ids`
 ("<sid>_<fid>"), `energy` and free-atom `forces` as float16 with `chunk_idx` (cumulative split
-points of the forces per system), as fairchem's make_submission_file.py expects.
+points of the forces per system), as fairchem's make_submission_file.py expects; labelled
+splits add float32 `energy_target` and free-atom `forces_target` for parity plots.
 
     python -m graphpar.evaluate relax \\
         --checkpoint results/mini/checkpoints/gemnet/final.pt \\
@@ -26,26 +27,42 @@ fmax 0.05, at most 200 steps, graphs rebuilt every step as the model was trained
 `<out-dir>/<sid>.extxyz` per system and resume, skipping systems already relaxed. The metrics
 files are `is2rs_<split>.json` (adwt, fbt, afbt, n_systems) and `is2re_<split>.json`
 (energy_mae, ewt, n_systems); the predictions `is2rs_<split>.npz` (ids, free-atom pos,
-chunk_idx) and `is2re_<split>.npz` (ids, energy).
+chunk_idx; per system `distance` to the relaxed label in A and `oracle_max_force` in eV/A, NaN
+where unknown) and `is2re_<split>.npz` (ids, energy, energy_target).
+
+Relaxations run under torchrun too: G x D processes, each system batch split over G
+graph-parallel ranks and the systems shared by the D data-parallel groups:
+
+    torchrun --standalone --nproc_per_node=4 -m graphpar.evaluate relax --gp-size 2 ...
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import hashlib
 import importlib.metadata
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.io import atomic_path, write_json
 from graphpar.metrics import MetricSums
-from graphpar.train import TrainingError, read_checkpoint, trained_model, triplet_kind
+from graphpar.parallel import destroy_groups, get_dims
+from graphpar.train import (
+    TrainingError,
+    join_processes,
+    read_checkpoint,
+    trained_model,
+    triplet_kind,
+)
 
 PACKAGES = ("graphpar", "torch", "torch-geometric", "ase", "numpy")
 
@@ -112,6 +129,7 @@ def evaluate_s2ef(
     labelled = len(dataset) > 0 and "energy" in dataset[0] and "forces" in dataset[0]
     sums = MetricSums()
     ids, energies, forces, counts = [], [], [], []
+    energy_targets, force_targets = [], []
     for start in tqdm(range(0, len(dataset), batch_size), desc=f"s2ef {split}", disable=None):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         batch = batch.to(device)
@@ -129,7 +147,11 @@ def evaluate_s2ef(
             mask = (structure == k) & free
             forces.append(force[mask].numpy())
             counts.append(int(mask.sum()))
+            if labelled:
+                force_targets.append(batch.forces.cpu()[mask].numpy())
         energies.append(energy.numpy())
+        if labelled:
+            energy_targets.append(batch.energy.cpu().numpy())
 
     if not len(dataset):
         metrics = {
@@ -152,16 +174,67 @@ def evaluate_s2ef(
     metrics["provenance"] = provenance(checkpoint, state, data)
     write_json(metrics_path, metrics)
     if predictions_path is not None:
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(predictions_path) as temporary, open(temporary, "wb") as f:
-            np.savez_compressed(
-                f,
-                ids=np.array(ids, dtype=str),
-                energy=np.concatenate(energies or [np.zeros(0)]).astype(np.float16),
-                forces=np.concatenate(forces or [np.zeros((0, 3))]).astype(np.float16),
-                chunk_idx=np.cumsum(counts)[:-1],
-            )
+        # OC20's submission keys (float16), plus float32 labels for parity plots where known.
+        labels = {}
+        if labelled:
+            labels = {
+                "energy_target": np.concatenate(energy_targets).astype(np.float32),
+                "forces_target": np.concatenate(force_targets).astype(np.float32),
+            }
+        write_npz(
+            predictions_path,
+            ids=np.array(ids, dtype=str),
+            energy=np.concatenate(energies or [np.zeros(0)]).astype(np.float16),
+            forces=np.concatenate(forces or [np.zeros((0, 3))]).astype(np.float16),
+            chunk_idx=np.cumsum(counts)[:-1],
+            **labels,
+        )
     return metrics
+
+
+def relaxation_metrics(samples: list, relaxed: list, energy: np.ndarray, oracle: str) -> dict:
+    """IS2RS and IS2RE metrics of ML-relaxed structures (`relaxed`: ase.Atoms in the order of
+    `samples`, `energy`: their predicted energies): {"is2rs", "is2re", "per_system"}, metrics
+    null with the reason where labels or an oracle are missing. `per_system` holds each
+    system's mean free-atom distance to the relaxed label (A) and oracle max force (eV/A), NaN
+    where not computable, for the DwT and FbT curves."""
+    from graphpar.metrics import MetricSums, is2re_metrics
+    from graphpar.oracle import fbt_afbt, oracle_max_forces
+
+    nan = np.full(len(samples), np.nan)
+    per_system = {"distance": nan, "oracle_max_force": nan.copy()}
+    labelled = bool(samples) and "pos_relaxed" in samples[0] and "energy_relaxed" in samples[0]
+    if not labelled:
+        reason = (
+            "the split has no systems"
+            if not samples
+            else ("the split has no relaxed labels (hidden test labels)")
+        )
+        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": len(samples)}
+        is2re = {"energy_mae": None, "ewt": None, "n_systems": len(samples)}
+        is2rs["reason"] = is2re["reason"] = reason
+        return {"is2rs": is2rs, "is2re": is2re, "per_system": per_system}
+    oracle_result = oracle_max_forces(relaxed, oracle)
+    found = fbt_afbt(oracle_result)
+    sums = MetricSums().update_is2rs(
+        np.concatenate([atoms.positions for atoms in relaxed]),
+        torch.cat([sample.pos_relaxed for sample in samples]),
+        torch.stack([sample.cell.reshape(3, 3) for sample in samples]),
+        torch.stack([sample.pbc.reshape(3) for sample in samples]),
+        torch.stack([sample.natoms.reshape(()) for sample in samples]),
+        torch.cat([sample.fixed.bool() for sample in samples]),
+        oracle_max_force=oracle_result.max_forces,
+    )
+    is2rs = {**sums.result("is2rs"), "fbt": found["fbt"], "afbt": found["afbt"]}
+    if found["fbt_reason"]:
+        is2rs["fbt_reason"] = found["fbt_reason"]
+    per_system["distance"] = np.array(sums.distances)
+    if oracle_result.max_forces is not None:
+        per_system["oracle_max_force"] = np.asarray(oracle_result.max_forces, dtype=np.float64)
+    target = torch.stack([sample.energy_relaxed.reshape(()) for sample in samples])
+    is2re = is2re_metrics(energy, target)
+    per_system["energy_target"] = target.double().numpy()
+    return {"is2rs": is2rs, "is2re": is2re, "per_system": per_system}
 
 
 def evaluate_relaxations(
@@ -175,86 +248,94 @@ def evaluate_relaxations(
     batch_size: int = 8,
     fmax: float = 0.05,
     steps: int = 200,
-    device: str = "cpu",
-) -> dict:
+    device: str = "auto",
+    gp_size: int | None = None,
+) -> dict | None:
     """Relax every system of an IS2RE/IS2RS split with the model; IS2RS and IS2RE metrics
-    (null with the reason where labels or an oracle are missing) and predictions."""
+    (null with the reason where labels or an oracle are missing) and predictions.
+
+    Under torchrun with W = G x D processes (`gp_size` = G, default W): each of the D
+    data-parallel groups relaxes every D-th system with the model split over its G ranks;
+    rank 0 then reads all relaxed structures back and writes the metrics. Returns the metrics
+    on rank 0, None on the other ranks.
+    """
     from ase.io import read
 
     from graphpar.calculator import graph_settings
-    from graphpar.metrics import is2re_metrics, is2rs_metrics
-    from graphpar.oracle import fbt_afbt, oracle_max_forces
-    from graphpar.relax import relax_dataset
+    from graphpar.relax import read_relaxed, relax_dataset
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank_device = join_processes(gp_size or world_size, device)
+    dims = get_dims()
+    if dims.world_size > 1:
+        # Data-parallel ranks finish their shares hours apart on big splits: wait for them on
+        # a group whose timeout is not the graph-parallel collectives' (short, to catch hangs).
+        finished = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     state = read_checkpoint(checkpoint)
-    model = trained_model(state, device)
+    model = trained_model(state, rank_device)
     cutoff, max_neighbors = graph_settings(state.get("graph"), model)
     dataset = LmdbDataset(data)
     samples = [dataset[i] for i in range(len(dataset))]
-    summaries = relax_dataset(
+    if dims.rank == 0:
+        print(f"relax {split}: {len(samples)} systems, G x D = {dims.gp_size} x {dims.dp_size}")
+    relax_dataset(
         model,
-        samples,
+        samples[dims.dp_rank :: dims.dp_size],
         out_dir,
         batch_size=batch_size,
         fmax=fmax,
         steps=steps,
         cutoff=cutoff,
         max_neighbors=max_neighbors,
+        progress=dims.rank == 0,
+        write=dims.gp_rank == 0,
     )
+    if dims.world_size > 1:
+        dist.barrier(group=finished)
+    if dims.rank != 0:
+        return None
+
+    summaries = read_relaxed(samples, out_dir)
     relaxed = [read(summary["path"]) for summary in summaries]
     ids = [str(summary["sid"]) for summary in summaries]
     energy = np.array([summary["energy"] for summary in summaries])
     free = [~sample.fixed.bool().numpy() for sample in samples]
     pos = [atoms.positions[mask] for atoms, mask in zip(relaxed, free, strict=True)]
-    origin = provenance(checkpoint, state, data)
-    converged = sum(bool(summary["converged"]) for summary in summaries)
-
-    labelled = bool(samples) and "pos_relaxed" in samples[0] and "energy_relaxed" in samples[0]
-    if not samples:  # e.g. a small embedded split whose only relaxation did not converge
-        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": 0}
-        is2re = {"energy_mae": None, "ewt": None, "n_systems": 0}
-        is2rs["reason"] = is2re["reason"] = "the split has no systems"
-    elif labelled:
-        oracle_result = oracle_max_forces(relaxed, oracle)
-        found = fbt_afbt(oracle_result)
-        is2rs = is2rs_metrics(
-            np.concatenate([atoms.positions for atoms in relaxed]),
-            torch.cat([sample.pos_relaxed for sample in samples]),
-            torch.stack([sample.cell.reshape(3, 3) for sample in samples]),
-            torch.stack([sample.pbc.reshape(3) for sample in samples]),
-            torch.stack([sample.natoms.reshape(()) for sample in samples]),
-            torch.cat([sample.fixed.bool() for sample in samples]),
-            oracle_max_force=oracle_result.max_forces,
-        )
-        is2rs = {**is2rs, "fbt": found["fbt"], "afbt": found["afbt"]}
-        if found["fbt_reason"]:
-            is2rs["fbt_reason"] = found["fbt_reason"]
-        is2re = is2re_metrics(energy, torch.stack([s.energy_relaxed.reshape(()) for s in samples]))
-    else:
-        reason = "the split has no relaxed labels (hidden test labels)"
-        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": len(samples)}
-        is2re = {"energy_mae": None, "ewt": None, "n_systems": len(samples)}
-        is2rs["reason"] = is2re["reason"] = reason
-    extra = {"oracle": oracle, "relaxed_converged": converged, "provenance": origin}
-    is2rs = {"task": "is2rs", "split": split, **is2rs, **extra}
-    is2re = {"task": "is2re", "split": split, **is2re, **extra}
+    found = relaxation_metrics(samples, relaxed, energy, oracle)
+    extra = {
+        "oracle": oracle,
+        "relaxed_converged": sum(bool(summary["converged"]) for summary in summaries),
+        "provenance": provenance(checkpoint, state, data),
+    }
+    is2rs = {"task": "is2rs", "split": split, **found["is2rs"], **extra}
+    is2re = {"task": "is2re", "split": split, **found["is2re"], **extra}
     write_json(metrics_dir / f"is2rs_{split}.json", is2rs)
     write_json(metrics_dir / f"is2re_{split}.json", is2re)
-    predictions_dir.mkdir(parents=True, exist_ok=True)
-    for name, arrays in (
-        (
-            f"is2rs_{split}.npz",
-            {
-                "ids": np.array(ids, dtype=str),
-                "pos": np.concatenate(pos) if pos else np.zeros((0, 3)),
-                "chunk_idx": np.cumsum([len(p) for p in pos])[:-1],
-            },
-        ),
-        (f"is2re_{split}.npz", {"ids": np.array(ids, dtype=str), "energy": energy}),
-    ):
-        with atomic_path(predictions_dir / name) as temporary, open(temporary, "wb") as f:
-            np.savez_compressed(f, **arrays)
+    # OC20's submission keys (ids, pos + chunk_idx, energy), plus per-system values for plots.
+    per_system = found["per_system"]
+    write_npz(
+        predictions_dir / f"is2rs_{split}.npz",
+        ids=np.array(ids, dtype=str),
+        pos=np.concatenate(pos) if pos else np.zeros((0, 3)),
+        chunk_idx=np.cumsum([len(p) for p in pos])[:-1],
+        distance=per_system["distance"],
+        oracle_max_force=per_system["oracle_max_force"],
+    )
+    energy_target = per_system.get("energy_target", np.full(len(samples), np.nan))
+    write_npz(
+        predictions_dir / f"is2re_{split}.npz",
+        ids=np.array(ids, dtype=str),
+        energy=energy,
+        energy_target=energy_target,
+    )
     return {"is2rs": is2rs, "is2re": is2re}
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """np.savez_compressed, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary, open(temporary, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -284,6 +365,11 @@ def main(argv: list[str] | None = None) -> None:
     relax.add_argument("--fmax", type=float, default=0.05, help="eV/A")
     relax.add_argument("--steps", type=int, default=200)
     relax.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    relax.add_argument(
+        "--gp-size",
+        type=int,
+        help="G under torchrun: graph-parallel ranks per system batch (default: all processes)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.task == "s2ef":
@@ -302,11 +388,16 @@ def main(argv: list[str] | None = None) -> None:
                 args.fmax,
                 args.steps,
                 args.device,
+                args.gp_size,
             )
-            results = [found["is2rs"], found["is2re"]]
+            results = [found["is2rs"], found["is2re"]] if found else []
     except (TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        destroy_groups()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     for metrics in results:
         shown = {k: v for k, v in metrics.items() if k != "provenance"}
         print(

@@ -84,6 +84,15 @@ def _with_positions(batch, pos: Tensor, rebuild: bool, cutoff: float, max_neighb
     return moved
 
 
+def _systems(batch, keep: Tensor):
+    """The systems of `batch` where `keep` [B] is true, as a new batch (all of it if all)."""
+    if bool(keep.all()):
+        return batch
+    from graphpar.data.dataset import collate
+
+    return collate([batch.get_example(i) for i in keep.nonzero().flatten().tolist()])
+
+
 @torch.no_grad()
 def _evaluate(model, batch) -> tuple[Tensor, Tensor]:
     """Energies [B] and forces [N,3] (float64, detached) of `batch`.
@@ -173,6 +182,7 @@ def relax_batch(
         y_hist: list[Tensor] = []
         rho_hist: list[Tensor] = []
         r0 = f0 = None
+        remaining = moving = template = None  # the systems (and atoms) the model last saw
         step = 0
         while True:
             fnorm = _segment_max(_atom_norms(forces), structure, num_systems)
@@ -213,14 +223,20 @@ def relax_batch(
             step += 1
             nsteps = nsteps + active.long()
 
+            # The model sees only the systems still moving: converged ones cost nothing more,
+            # and keep the values of their own final positions (batch independence).
+            if remaining is None or not torch.equal(remaining, active):
+                remaining, moving = active.clone(), active[structure]
+                template = _systems(batch, remaining)
             current = _with_positions(
-                batch, pos.to(model_dtype), rebuild_graph, cutoff, max_neighbors
+                template, pos[moving].to(model_dtype), rebuild_graph, cutoff, max_neighbors
             )
             new_energy, new_raw = _evaluate(model, current)
             calls += 1
-            # Frozen systems keep the values of their own final positions (batch independence).
-            energy = torch.where(active, new_energy, energy)
-            raw_forces = torch.where(per_atom(active), new_raw, raw_forces)
+            energy = energy.clone()
+            energy[remaining] = new_energy
+            raw_forces = raw_forces.clone()
+            raw_forces[moving] = new_raw
             forces = raw_forces * free3
             if trajectory:
                 traj_pos.append(pos.clone())
@@ -356,6 +372,7 @@ def relax_dataset(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    write: bool = True,
     **relax_options,
 ) -> list[dict]:
     """Relax `samples` in batches; write `out_dir/<sid>.extxyz` (and `<sid>.traj.extxyz`).
@@ -363,7 +380,9 @@ def relax_dataset(
     Files are written atomically; systems whose `<sid>.extxyz` exists are skipped, so a killed
     run resumes where it stopped. `dtype` casts positions/cells (e.g. float64 for an oracle),
     `device` defaults to the model's. Returns one summary dict per sample (sid, steps,
-    converged, energy, path), read back from the file for skipped systems.
+    converged, energy, path), read back from the file for skipped systems. `write=False` on
+    all but one rank of a graph-parallel group: they relax the same batches (every rank takes
+    part in the model's collectives) and hold the same results.
     """
     from tqdm import tqdm
 
@@ -402,6 +421,8 @@ def relax_dataset(
                 batch.pos, batch.cell = batch.pos.to(dtype), batch.cell.to(dtype)
             result = relax_batch(model, batch, **relax_options)
             for i, (sid, sample) in enumerate(chunk):
+                if not write:
+                    continue
                 info = {
                     "sid": sid,
                     "steps": int(result.steps[i]),
@@ -427,4 +448,17 @@ def relax_dataset(
             bar.update(len(chunk))
     finally:
         bar.close()
-    return [summaries[sid] for sid in order]
+    return [summaries[sid] for sid in order] if write else []
+
+
+def read_relaxed(samples: Iterable, out_dir: str | os.PathLike) -> list[dict]:
+    """The summaries (sid, steps, converged, energy, path) of `relax_dataset`'s files for
+    `samples`, e.g. after the data-parallel ranks relaxed their shares."""
+    out_dir = Path(out_dir)
+    summaries = []
+    for index, sample in enumerate(samples):
+        path = out_dir / f"{_sid(sample, index)}.extxyz"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no relaxed structure (did a rank fail?)")
+        summaries.append(_summary(path))
+    return summaries

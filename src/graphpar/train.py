@@ -59,7 +59,15 @@ from graphpar.parallel import destroy_groups, get_dims, init_groups, sync_gradie
 
 CHECKPOINT_FORMAT = "graphpar-checkpoint-1"
 # Keys that do not change the trajectory of a run: a checkpoint stays valid when they change.
-RUNTIME_KEYS = ("max_steps", "epochs", "num_workers", "eval_every", "checkpoint_every", "log_every")
+RUNTIME_KEYS = (
+    "max_steps",
+    "epochs",
+    "num_workers",
+    "eval_every",
+    "checkpoint_every",
+    "log_every",
+    "nodes",  # the same G x D processes on more or fewer nodes compute the same run
+)
 
 log = logging.getLogger("graphpar.train")
 
@@ -150,17 +158,22 @@ def setup_processes(config: Mapping) -> torch.device:
         raise TrainingError(
             f"batch_size {config['batch_size']} is not a multiple of D = {world_size // gp_size}"
         )
-    wants_cuda = config["device"] == "cuda" or (
-        config["device"] == "auto" and torch.cuda.is_available()
-    )
+    return join_processes(gp_size, config["device"])
+
+
+def join_processes(gp_size: int, device: str = "auto") -> torch.device:
+    """Join torchrun's process group (gloo on CPU, NCCL on GPU; none for one process) and build
+    the G x D groups; `device` is "cpu", "cuda" or "auto". Returns this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    wants_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if wants_cuda and not torch.cuda.is_available():
         raise TrainingError("device: cuda, but CUDA is not available here")
     if wants_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        rank_device = torch.device("cuda", local_rank)
     else:
-        device = torch.device("cpu")
+        rank_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(minutes=10)
         store, rank, world_size = next(
@@ -177,7 +190,7 @@ def setup_processes(config: Mapping) -> torch.device:
             timeout=timeout,
         )
     init_groups(gp_size)
-    return device
+    return rank_device
 
 
 def dp_sum(value: Tensor) -> Tensor:

@@ -172,6 +172,11 @@ def s2ef_metrics(run, split):
     return f"{RESULTS}/metrics/{run}/s2ef_{split}.json"
 
 
+def relax_processes():
+    """torchrun processes of a relaxation job: G x D of config evaluate."""
+    return config["evaluate"]["gp_size"] * config["evaluate"]["dp_size"]
+
+
 def relax_splits():
     """IS2RE/IS2RS splits every force model relaxes (hidden labels: predictions only)."""
     return evaluated(is2re_splits())
@@ -223,3 +228,190 @@ def oc20_s2ef_name(wildcards):
 def unless_kept(path):
     """Downloaded archives are deleted after extraction unless dataset.oc20.keep_archives."""
     return path if OC20["keep_archives"] else temp(path)
+
+
+# ---- cluster ----------------------------------------------------------------------------------
+# How a torchrun job (training, scaling) is shaped for a scheduler: SLURM through
+# workflow/profiles/slurm; shapes in config/README.md. One node: one task running
+# `torchrun --standalone`. Several nodes (a run's `nodes`): one task per node, started by `srun`
+# through the SLURM plugin's MPI path, each a torchrun agent; the agents meet at a c10d
+# rendezvous on the job's first node. These helpers take a run's validated config.
+
+RDZV_PORT = 29500  # + job id modulo 10000, so jobs sharing a first node use different ports
+
+
+def launch_processes(run_config):
+    """torchrun processes of a run: G x D (D defaults to 1 in the workflow)."""
+    return run_config["gp_size"] * (run_config["dp_size"] or 1)
+
+
+def processes_per_node(run_config):
+    """torchrun processes (GPUs) on each node: G x D / nodes."""
+    return launch_processes(run_config) // run_config["nodes"]
+
+
+def cpus_per_node(run_config):
+    """Each process (GPU) gets one CPU plus one per DataLoader worker."""
+    return processes_per_node(run_config) * (1 + run_config["num_workers"])
+
+
+def gpus_per_node(run_config):
+    """A SLURM --gres request: a GPU per process, none for a run pinned to the CPU."""
+    if run_config["device"] == "cpu":
+        return ""
+    return f"gpu:{processes_per_node(run_config)}"
+
+
+def mpi_launcher(run_config):
+    """The plugin's MPI launcher (resources.mpi) for multi-node runs; none on one node."""
+    return "srun" if run_config["nodes"] > 1 else ""
+
+
+def torchrun_launcher(run_config):
+    """What follows `{resources.mpi}` in a rule's shell: torchrun and its rendezvous."""
+    nodes, per_node = run_config["nodes"], processes_per_node(run_config)
+    if nodes == 1:
+        return f"torchrun --standalone --nproc_per_node={per_node}"
+    # srun's options, then one torchrun per task. The batch script runs on the first node of
+    # the allocation, so its hostname (expanded there, before srun) is the rendezvous host.
+    return (
+        f"--ntasks={nodes} --cpus-per-task={cpus_per_node(run_config)}"
+        " --kill-on-bad-exit=1 --label"
+        f" torchrun --nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d"
+        f" --rdzv_endpoint=$(hostname):$(({RDZV_PORT} + SLURM_JOB_ID % 10000))"
+        " --rdzv_id=$SLURM_JOB_ID"
+    )
+
+
+def requires_slurm(name, run_config):
+    """A shell guard: a multi-node run started outside SLURM stops with the reason."""
+    if run_config["nodes"] == 1:
+        return ""
+    message = (
+        f"{name} has nodes: {run_config['nodes']}: multi-node runs need a SLURM allocation "
+        "(snakemake --profile workflow/profiles/slurm), or set nodes: 1"
+    )
+    return f'[ -n "${{SLURM_JOB_ID:-}}" ] || {{ echo "{message}" >&2; exit 1; }}; '
+
+
+def check_layout(name, run_config):
+    processes, nodes = launch_processes(run_config), run_config["nodes"]
+    if processes % nodes:
+        raise ValueError(
+            f"config {name}: G x D = {processes} processes do not split evenly over "
+            f"nodes: {nodes}"
+        )
+
+
+for _run, _run_config in TRAIN.items():  # every run's node layout checked at startup
+    check_layout(f"train.{_run}", _run_config)
+
+
+# The scaling study (config/paper/scaling.yaml): throughput runs, validated like training runs.
+SCALING = config["scaling"]
+
+
+def scaling_config(run):
+    """A scaling run's graphpar.train config: S2EF split names resolved to folders."""
+    run_config = dict(SCALING["runs"][run])
+    for split in run_config["train"]:
+        if split not in s2ef_splits():
+            raise ValueError(
+                f"config scaling.runs.{run}: {split!r} is not an S2EF split of this dataset "
+                f"(known: {', '.join(s2ef_splits())})"
+            )
+    run_config["train"] = [preprocessed_s2ef(split) for split in run_config["train"]]
+    # The trainer's config wants a length; a scaling run's is its warmup and measured steps.
+    run_config.setdefault("max_steps", SCALING["warmup"] + SCALING["steps"])
+    try:
+        run_config = graphpar_train.load_config(run_config)
+    except graphpar_train.TrainingError as error:
+        raise ValueError(f"config scaling.runs.{run}: {error}") from None
+    check_layout(f"scaling.runs.{run}", run_config)
+    return run_config
+
+
+SCALING_RUNS = {run: scaling_config(run) for run in SCALING["runs"]}
+
+
+def scaling_result(run):
+    return f"{RESULTS}/scaling/{run}.json"
+
+
+def scaling_targets():
+    return [scaling_result(run) for run in SCALING_RUNS]
+
+
+# ---- report -----------------------------------------------------------------------------------
+# The report reads results only. Its inputs are found when the DAG is built (globbed over every
+# experiment under results/) and given as the run folders that hold them (metrics/<run>/,
+# predictions/<run>/): no rule outputs a folder, so Snakemake never links a report job to the
+# jobs that wrote those files, and `snakemake --cores 1 report` regenerates every table and
+# figure from cached results, even when checkpoints and data are gone and rules or config have
+# changed since (a file's own path would make its job's params and code rerun triggers count).
+# A folder's mtime changes whenever a file in it is replaced (every result is written by an
+# atomic rename), so the report still reruns when a result changes.
+
+from graphpar.report import FIGURES, TABLES, sources  # noqa: E402
+
+# The published numbers and the committed benchmarks travel with the code, not the working
+# directory (a run in another directory, e.g. the tests', plots the checkout's benchmarks).
+PAPER = str(Path(workflow.basedir) / "results" / "paper")
+REPORT_BENCHMARKS = str(
+    sources.benchmark_dir(Path("results"), fallback=Path(workflow.basedir) / "results/benchmarks")
+)
+REPORT_CODE = f"{SRC}/graphpar/report"
+
+
+def folders(paths):
+    """The folders holding `paths` (see above: folders, not files, are the report's inputs)."""
+    return sorted({str(Path(path).parent) for path in paths})
+
+
+def figure_data(figure):
+    """The inputs of figure `figure`: folders of results, or files no rule writes."""
+    results = Path("results")
+    if figure == "learning_curves":
+        curves = sources.curve_files(results)
+        # Old results keep the curve only in the checkpoint folder: a file no rule outputs.
+        return folders([c for c in curves if c.name == "training.jsonl"]) + [
+            str(c) for c in curves if c.name != "training.jsonl"
+        ]
+    if figure == "parity":
+        return folders(sources.prediction_files(results, "s2ef"))
+    if figure == "threshold_curves":
+        return folders(sources.prediction_files(results, "is2rs"))
+    if figure == "gp_scaling":
+        scaling = folders(sources.scaling_files(results))
+        return scaling or [str(p) for p in sorted(Path(REPORT_BENCHMARKS).glob("*.json"))]
+    if figure == "mae_vs_params":
+        paper = [f"{PAPER}/table1.csv", f"{PAPER}/models.csv"]
+        return folders(sources.metrics_files(results, "s2ef")) + paper
+    raise ValueError(f"unknown figure {figure!r}")
+
+
+def report_table_inputs(wildcards):
+    task = sources.paper_meta(PAPER)[wildcards.table]["task"]
+    return {
+        "metrics": folders(sources.metrics_files(Path("results"), task)),
+        "paper": [f"{PAPER}/{wildcards.table}.csv", f"{PAPER}/tables.json", f"{PAPER}/models.csv"],
+        "code": [f"{REPORT_CODE}/tables.py", f"{REPORT_CODE}/sources.py"],
+    }
+
+
+def report_figure_inputs(wildcards):
+    return {
+        "data": figure_data(wildcards.figure),
+        "code": [f"{REPORT_CODE}/figures.py", f"{REPORT_CODE}/sources.py"],
+    }
+
+
+def report_config_path():
+    return f"results/report/{EXPERIMENT}.config.yaml"
+
+
+def report_targets():
+    """Every table (md, csv, tex), every figure (png, pdf, csv) and the config used."""
+    tables = [f"results/tables/{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex")]
+    figures = [f"results/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")]
+    return tables + figures + [report_config_path()]

@@ -1,7 +1,8 @@
 # ML relaxations (IS2RS/IS2RE): every force model relaxes every val and test IS2RE split with
 # batched L-BFGS; relaxed structures under results/<experiment>/relaxations/<run>/<split>/
 # (resumed when a job is restarted), IS2RS and IS2RE metrics (FbT/AFbT from the oracle
-# calculator) and OC20 submission-format predictions.
+# calculator) and OC20 submission-format predictions. torchrun starts G x D processes
+# (config evaluate.gp_size, evaluate.dp_size; 1 by default).
 
 
 rule relax:
@@ -21,7 +22,7 @@ rule relax:
         split="|".join(relax_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: 2
+    threads: max(2, relax_processes())
     resources:
         mem_mb=4000,
         runtime=24 * 60,
@@ -30,8 +31,12 @@ rule relax:
         metrics_dir=lambda wildcards: f"{RESULTS}/metrics/{wildcards.run}",
         predictions_dir=lambda wildcards: f"{RESULTS}/predictions/{wildcards.run}",
         oracle=config["evaluate"]["oracle"],
+        processes=relax_processes(),
+        gp_size=config["evaluate"]["gp_size"],
+        steps=config["evaluate"]["relax_steps"],
     shell:
-        "python -m graphpar.evaluate relax --checkpoint {input.checkpoint} --data {input.data}"
+        "torchrun --standalone --nproc_per_node={params.processes} -m graphpar.evaluate relax"
+        " --gp-size {params.gp_size} --checkpoint {input.checkpoint} --data {input.data}"
         " --split {wildcards.split} --out-dir {params.out_dir}"
         " --metrics-dir {params.metrics_dir} --predictions-dir {params.predictions_dir}"
-        " --oracle {params.oracle:q} > {log} 2>&1"
+        " --oracle {params.oracle:q} --steps {params.steps} > {log} 2>&1"

@@ -1,0 +1,18 @@
+"""The paper's tables and figures from cached results, beside the published numbers.
+
+Everything here reads files only: metrics JSON, learning curves and predictions under
+`results/<experiment>/`, benchmark JSON under `results/benchmarks/` and the published numbers
+under `results/paper/`. Nothing loads a checkpoint or a dataset, so the report regenerates after
+checkpoints and data are gone (see workflow/rules/report.smk).
+
+- `graphpar.report.sources`: find and read those files.
+- `graphpar.report.tables`: Tables 1-3 and 5-7 as Markdown, CSV and LaTeX.
+- `graphpar.report.figures`: learning curves, parity plots, DwT/FbT curves, Fig. 2 (memory and
+  throughput per rank against G), force MAE against parameters; PNG + PDF + the plotted CSV.
+- `graphpar.report.bundle`: export a metrics bundle (tar) and import one into `results/`.
+
+Command line: `python -m graphpar.report --help`.
+"""
+
+TABLES = ("table1", "table2", "table3", "table5", "table6", "table7")
+FIGURES = ("learning_curves", "parity", "threshold_curves", "gp_scaling", "mae_vs_params")

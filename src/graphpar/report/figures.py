@@ -1,0 +1,384 @@
+"""The report's figures (matplotlib, Agg): PNG + PDF, and beside them the CSV of what is plotted.
+
+- `learning_curves`: training loss and validation force MAE (eV/A) against the step, every run.
+- `parity`: predicted against DFT energy (eV) and force components (eV/A), per run and split
+  (needs `energy_target`/`forces_target` in the S2EF predictions npz; NaN targets are skipped).
+- `threshold_curves`: DwT(t) against the distance threshold (A) and FbT(t) against the force
+  threshold (eV/A), per run and split (needs per-system `distance` and `oracle_max_force` in
+  the IS2RS predictions npz; NaN, i.e. no label or no oracle, is skipped).
+- `gp_scaling`: the paper's Fig. 2 for what this machine can run: per-rank memory (MB),
+  throughput (samples/s) and, from the scaling study, TFLOP/s per GPU against the
+  graph-parallel size G, from the scaling study's files (`results/*/scaling/*.json`) when
+  present, else from the committed CPU benchmarks (labelled: ranks share cores).
+- `mae_vs_params`: force MAE (eV/A) against parameter count, the paper's Table 1 and ours.
+
+A figure whose data is absent still gets drawn (with a note saying what is missing) and an empty
+CSV with the header, so every target exists and regenerates the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display (must precede pyplot)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from graphpar.io import atomic_path  # noqa: E402
+from graphpar.report import FIGURES, sources  # noqa: E402
+
+# At most this many points per (run, split, quantity) in a parity plot and its CSV: OC20's val
+# splits hold ~1M frames (~10^8 force components); a fixed-seed sample keeps files small.
+PARITY_POINTS = 5000
+CPU_LABEL = "this machine (2 CPU cores), ranks share cores: memory, not speed"
+QUANTITY_LABELS = {
+    "max_activation_mb": "activation memory, max over ranks (bench/gp_memory.py)",
+    "peak_memory_mb_per_rank_max": "peak memory, max over ranks (bench/train_throughput.py)",
+    "samples_per_s_median": "samples/s, median (bench/train_throughput.py)",
+    "peak_memory_mb_per_gpu": "peak memory per GPU",
+    "samples_per_s": "samples/s",
+    "tflops_per_gpu": "TFLOP/s per GPU",
+}
+STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9,
+    "axes.labelsize": 9,
+    "legend.fontsize": 7,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "savefig.dpi": 150,
+    "savefig.bbox": "tight",
+}
+
+
+def _note(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig, data: pd.DataFrame, out_dir: Path, name: str) -> dict[str, Path]:
+    """`name`.png, .pdf and .csv into `out_dir`, each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {ext: out_dir / f"{name}.{ext}" for ext in ("png", "pdf", "csv")}
+    with atomic_path(paths["png"]) as tmp:
+        fig.savefig(tmp, format="png")
+    with atomic_path(paths["pdf"]) as tmp:
+        fig.savefig(tmp, format="pdf", metadata={"CreationDate": None})
+    with atomic_path(paths["csv"]) as tmp:
+        data.to_csv(tmp, index=False)
+    plt.close(fig)
+    return paths
+
+
+def _run_label(experiment: str, run: str) -> str:
+    return f"{experiment}/{run}"
+
+
+# ---- learning curves ------------------------------------------------------------------------
+
+
+def learning_curves(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = sources.read_curves(results)
+    fig, (loss_ax, mae_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
+    if data.empty:
+        _note(loss_ax, "no learning curves found (results/*/metrics/*/training.jsonl)")
+        _note(mae_ax, "")
+        return fig, data
+    for (experiment, run), curve in data.groupby(["experiment", "run"], sort=True):
+        label = _run_label(experiment, run)
+        train = curve[curve["split"] == "train"]
+        loss_ax.plot(train["step"], train["loss"], label=label, linewidth=1)
+        val = curve[(curve["split"] == "val") & curve["forces_mae"].notna()]
+        mae_ax.plot(val["step"], val["forces_mae"], marker="o", markersize=3, label=label)
+    loss_ax.set(xlabel="step", ylabel="training loss (normalised units)", yscale="log")
+    loss_ax.set_title("training loss")
+    mae_ax.set(xlabel="step", ylabel="validation force MAE (eV/Å)")
+    mae_ax.set_title("validation force MAE")
+    loss_ax.legend()
+    mae_ax.legend()
+    return fig, data
+
+
+# ---- parity ---------------------------------------------------------------------------------
+
+
+def _parity_data(results: Path) -> pd.DataFrame:
+    """Predicted and DFT values (a fixed-seed sample of at most PARITY_POINTS per quantity),
+    with their index into the npz arrays (forces flattened over atoms and components)."""
+    frames = []
+    for path in sources.prediction_files(results, "s2ef"):
+        with np.load(path) as npz:
+            if "energy_target" not in npz or "forces_target" not in npz:
+                continue
+            arrays = {
+                "energy": (npz["energy"], npz["energy_target"]),
+                "force": (npz["forces"].reshape(-1), npz["forces_target"].reshape(-1)),
+            }
+        for quantity, (predicted, target) in arrays.items():
+            index = np.flatnonzero(np.isfinite(target.astype(np.float64)))  # NaN: no label
+            if len(index) > PARITY_POINTS:
+                index = np.sort(np.random.default_rng(0).choice(index, PARITY_POINTS, False))
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "experiment": path.parents[2].name,
+                        "run": path.parent.name,
+                        "split": path.stem.removeprefix("s2ef_"),
+                        "quantity": quantity,
+                        "index": index,
+                        "predicted": predicted[index].astype(np.float64),
+                        "target": target[index].astype(np.float64),
+                    }
+                )
+            )
+    columns = ["experiment", "run", "split", "quantity", "index", "predicted", "target"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def parity(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = _parity_data(results)
+    runs = sorted(data.groupby(["experiment", "run"]).groups) if not data.empty else []
+    fig, axes = plt.subplots(max(len(runs), 1), 2, figsize=(8, 3.6 * max(len(runs), 1)))
+    axes = np.atleast_2d(axes)
+    if not runs:
+        _note(axes[0, 0], "no S2EF predictions with DFT targets (energy_target, forces_target)")
+        _note(axes[0, 1], "")
+        return fig, data
+    units = {"energy": "eV", "force": "eV/Å"}
+    for row, (experiment, run) in enumerate(runs):
+        for col, quantity in enumerate(("energy", "force")):
+            ax = axes[row, col]
+            chosen = data[
+                (data["experiment"] == experiment)
+                & (data["run"] == run)
+                & (data["quantity"] == quantity)
+            ]
+            for split, points in chosen.groupby("split", sort=True):
+                ax.scatter(points["target"], points["predicted"], s=4, alpha=0.5, label=split)
+            low = min(chosen["target"].min(), chosen["predicted"].min())
+            high = max(chosen["target"].max(), chosen["predicted"].max())
+            ax.plot([low, high], [low, high], color="black", linewidth=0.8, label="y = x")
+            unit = units[quantity]
+            ax.set(xlabel=f"DFT {quantity} ({unit})", ylabel=f"predicted {quantity} ({unit})")
+            ax.set_title(f"{_run_label(experiment, run)}: {quantity}")
+            ax.legend()
+    return fig, data
+
+
+# ---- DwT / FbT threshold curves ---------------------------------------------------------------
+
+
+def _threshold_data(results: Path) -> pd.DataFrame:
+    from graphpar.metrics import dwt_curve, fbt_curve
+
+    frames = []
+    for path in sources.prediction_files(results, "is2rs"):
+        with np.load(path) as npz:
+            per_system = {key: npz[key] for key in ("distance", "oracle_max_force") if key in npz}
+        for key, (curve, function) in {
+            "distance": ("DwT", dwt_curve),
+            "oracle_max_force": ("FbT", fbt_curve),
+        }.items():
+            values = per_system.get(key, np.zeros(0)).astype(np.float64)
+            values = values[np.isfinite(values)]  # NaN: no relaxed label or no oracle
+            if values.size == 0:
+                continue
+            thresholds, fractions = function(values)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "experiment": path.parents[2].name,
+                        "run": path.parent.name,
+                        "split": path.stem.removeprefix("is2rs_"),
+                        "curve": curve,
+                        "threshold": thresholds,
+                        "fraction": fractions,
+                    }
+                )
+            )
+    columns = ["experiment", "run", "split", "curve", "threshold", "fraction"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def threshold_curves(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = _threshold_data(results)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    titles = {
+        "DwT": ("distance threshold t (Å)", "DwT(t): systems within t (%)"),
+        "FbT": ("force threshold t (eV/Å)", "FbT(t): oracle max force < t (%)"),
+    }
+    for ax, (curve, (xlabel, ylabel)) in zip(axes, titles.items(), strict=True):
+        chosen = data[data["curve"] == curve]
+        if chosen.empty:
+            key = "distance" if curve == "DwT" else "oracle_max_force"
+            _note(ax, f"no IS2RS predictions with per-system '{key}'")
+            continue
+        for (experiment, run, split), line in chosen.groupby(["experiment", "run", "split"]):
+            ax.plot(
+                line["threshold"],
+                100 * line["fraction"],
+                label=f"{_run_label(experiment, run)} {split}",
+            )
+        ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 100))
+        ax.set_title(f"{curve}(t); its mean over t is A{curve}")
+        ax.legend()
+    return fig, data
+
+
+# ---- Fig. 2: memory and throughput per rank against G ----------------------------------------
+
+
+def _scaling_data(results: Path, benchmarks: Path) -> tuple[pd.DataFrame, str]:
+    """Long table (source, model, G, D, device, quantity, value, unit) and a label for the
+    figure. The scaling study's files win; without them the committed CPU benchmarks are used."""
+    columns = ["source", "model", "G", "D", "device", "quantity", "value", "unit"]
+    rows = []
+    files = sources.scaling_files(results)
+    if files:
+        for path in files:
+            record = json.loads(path.read_text())
+            for quantity, unit in (
+                ("peak_memory_mb_per_gpu", "MB"),
+                ("samples_per_s", "samples/s"),
+                ("tflops_per_gpu", "TFLOP/s"),
+            ):
+                if record.get(quantity) is not None:
+                    rows.append(
+                        {
+                            "source": str(path),
+                            "model": record["model"],
+                            "G": record["gp_size"],
+                            "D": record.get("dp_size", 1),
+                            "device": record.get("device", "?"),
+                            "quantity": quantity,
+                            "value": record[quantity],
+                            "unit": unit,
+                        }
+                    )
+        devices = sorted({row["device"] for row in rows})
+        return pd.DataFrame(rows, columns=columns), f"scaling study on {', '.join(devices)}"
+    memory = benchmarks / "gp_memory.json"
+    if memory.is_file():
+        for model, run in json.loads(memory.read_text())["runs"].items():
+            for size, result in run["G"].items():
+                rows.append(
+                    {
+                        "source": str(memory),
+                        "model": model,
+                        "G": int(size),
+                        "D": 1,
+                        "device": "cpu",
+                        "quantity": "max_activation_mb",
+                        "value": result["max_activation_mb"],
+                        "unit": "MB",
+                    }
+                )
+    throughput = benchmarks / "train_throughput.json"
+    if throughput.is_file():
+        for model, by_size in json.loads(throughput.read_text())["results"].items():
+            for size, result in by_size.items():
+                for quantity, unit in (
+                    ("peak_memory_mb_per_rank_max", "MB"),
+                    ("samples_per_s_median", "samples/s"),
+                ):
+                    rows.append(
+                        {
+                            "source": str(throughput),
+                            "model": model,
+                            "G": int(size.removeprefix("G=")),
+                            "D": 1,
+                            "device": "cpu",
+                            "quantity": quantity,
+                            "value": result[quantity],
+                            "unit": unit,
+                        }
+                    )
+    return pd.DataFrame(rows, columns=columns), CPU_LABEL
+
+
+def gp_scaling(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data, label = _scaling_data(results, benchmarks)
+    panels = [("MB", "memory per rank (MB)"), ("samples/s", "throughput (samples/s)")]
+    if (data["unit"] == "TFLOP/s").any():  # the scaling study also measures FLOPs (Fig. 2b)
+        panels.append(("TFLOP/s", "TFLOP/s per GPU"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6))
+    fig.suptitle(f"Fig. 2 analogue: {label}")
+    for ax, (unit, ylabel) in zip(axes, panels, strict=True):
+        chosen = data[data["unit"] == unit]
+        if chosen.empty:
+            _note(ax, "no scaling or benchmark files found")
+            continue
+        for (model, dp, quantity), line in chosen.groupby(["model", "D", "quantity"], sort=True):
+            line = line.sort_values("G")
+            name = model if dp == 1 else f"{model}, D = {dp}"
+            label = f"{name}: {QUANTITY_LABELS.get(quantity, quantity)}"
+            ax.plot(line["G"], line["value"], marker="o", label=label)
+        sizes = sorted(chosen["G"].unique())
+        ax.set(xlabel="graph-parallel size G (ranks per graph)", ylabel=ylabel, xscale="log")
+        ax.set_xticks(sizes, [str(size) for size in sizes])
+        ax.minorticks_off()
+        ax.legend()
+    return fig, data
+
+
+# ---- force MAE against parameters ------------------------------------------------------------
+
+
+def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    rows = []
+    published = sources.paper_table(paper, "table1")
+    for printed in published.itertuples():
+        rows.append(
+            {
+                "source": "paper Table 1 (test)",
+                "label": printed.model_id,
+                "parameters": sources.parse_count(printed.params),
+                "forces_mae": float(printed.forces_mae),
+            }
+        )
+    metrics = sources.read_metrics(results, "s2ef")
+    for (experiment, run, kind, model), group in metrics.groupby(
+        ["experiment", "run", "kind", "model"], sort=True
+    ):
+        values = group["forces_mae"].dropna()
+        count = sources.parameter_count(model)
+        if values.empty or count is None:
+            continue
+        rows.append(
+            {
+                "source": f"ours ({kind}, mean of {len(values)} split(s))",
+                "label": f"{_run_label(experiment, run)} ({model})",
+                "parameters": float(count),
+                "forces_mae": float(values.astype(float).mean()),
+            }
+        )
+    data = pd.DataFrame(rows, columns=["source", "label", "parameters", "forces_mae"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for source, points in data.groupby("source", sort=True):
+        marker = "s" if source.startswith("paper") else "o"
+        ax.scatter(points["parameters"], points["forces_mae"], marker=marker, label=source)
+        for point in points.itertuples():
+            ax.annotate(point.label, (point.parameters, point.forces_mae), fontsize=6)
+    ax.set(xlabel="parameters", ylabel="force MAE (eV/Å)", xscale="log")
+    ax.set_title("force MAE against model size (S2EF)")
+    ax.legend()
+    return fig, data
+
+
+def write_figure(
+    name: str, results: Path, paper: Path, benchmarks: Path, out_dir: Path
+) -> dict[str, Path]:
+    """Draw figure `name` and write `<name>.png`, `.pdf` and `.csv` into `out_dir`."""
+    if name not in FIGURES:
+        raise ValueError(f"unknown figure {name!r}; known: {', '.join(FIGURES)}")
+    with plt.rc_context(STYLE):
+        fig, data = globals()[name](Path(results), Path(paper), Path(benchmarks))
+        fig.tight_layout()
+        return _save(fig, data, Path(out_dir), name)

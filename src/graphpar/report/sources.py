@@ -1,0 +1,174 @@
+"""Find and read the files the report is drawn from; nothing here needs a checkpoint or data.
+
+Layout (relative to a results folder, usually `results/`):
+
+- `<experiment>/metrics/<run>/<task>_<split>.json`: metrics of one (run, task, split), task in
+  s2ef | is2rs | is2re; fractions in [0, 1], energies in eV, forces in eV/A; null = not computable.
+- `<experiment>/metrics/<run>/training.jsonl`: the run's learning curve (older results keep it
+  only as `<experiment>/checkpoints/<run>/metrics.jsonl`, read when the first is missing).
+- `<experiment>/predictions/<run>/<task>_<split>.npz`: per-system predictions.
+- `<experiment>/scaling/<run>.json`: a scaling-study measurement (samples/s, memory per GPU).
+- `benchmarks/*.json`: the committed CPU benchmarks.
+- `paper/`: the published numbers (tables.json, tableN.csv, models.csv).
+
+Every experiment found is reported, so a colleague's imported results appear beside ours.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pandas as pd
+
+TASKS = ("s2ef", "is2rs", "is2re")
+# Paper order of the four OC20 subsplits; our split names are val_<key> or test_<key>.
+SPLIT_LABELS = {"id": "ID", "ood_ads": "OOD Ads", "ood_cat": "OOD Cat", "ood_both": "OOD Both"}
+METRIC_KEYS = {
+    "s2ef": ("energy_mae", "forces_mae", "forces_cos", "efwt"),
+    "is2rs": ("afbt", "adwt", "fbt"),
+    "is2re": ("energy_mae", "ewt"),
+}
+
+
+def split_kind(split: str) -> tuple[str, str]:
+    """`val_ood_ads` -> ("val", "OOD Ads"); a split outside OC20's naming keeps its name."""
+    kind, _, key = split.partition("_")
+    if kind in ("val", "test") and key in SPLIT_LABELS:
+        return kind, SPLIT_LABELS[key]
+    return kind, split
+
+
+def metrics_files(results: Path, task: str) -> list[Path]:
+    """Every metrics JSON of `task` under `results`, all experiments and runs, sorted."""
+    return sorted(Path(results).glob(f"*/metrics/*/{task}_*.json"))
+
+
+def _dataset_name(provenance: dict) -> str:
+    """`resources/<dataset>/lmdb/...` -> `<dataset>` (the evaluated dataset)."""
+    parts = Path(provenance.get("dataset") or "").parts
+    return parts[1] if len(parts) > 1 and parts[0] == "resources" else "?"
+
+
+def read_metrics(results: Path, task: str) -> pd.DataFrame:
+    """One row per metrics file of `task`: experiment, run, split, kind (val/test), split_label,
+    model (registered config), dataset, the task's metrics (None where null), n_systems, path."""
+    rows = []
+    for path in metrics_files(results, task):
+        metrics = json.loads(path.read_text())
+        kind, label = split_kind(metrics["split"])
+        provenance = metrics.get("provenance", {})
+        rows.append(
+            {
+                "experiment": path.parents[2].name,
+                "run": path.parent.name,
+                "split": metrics["split"],
+                "kind": kind,
+                "split_label": label,
+                "model": provenance.get("model", "?"),
+                "dataset": _dataset_name(provenance),
+                **{key: metrics.get(key) for key in METRIC_KEYS[task]},
+                "n_systems": metrics.get("n_systems"),
+                "path": str(path),
+            }
+        )
+    columns = ["experiment", "run", "split", "kind", "split_label", "model", "dataset"]
+    columns += [*METRIC_KEYS[task], "n_systems", "path"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def curve_files(results: Path) -> list[Path]:
+    """The learning curve of every run: metrics/<run>/training.jsonl, else the checkpoint
+    folder's metrics.jsonl (results from before the train rule copied it)."""
+    results = Path(results)
+    found = {
+        (p.parents[2].name, p.parent.name): p for p in results.glob("*/metrics/*/training.jsonl")
+    }
+    for path in results.glob("*/checkpoints/*/metrics.jsonl"):
+        found.setdefault((path.parents[2].name, path.parent.name), path)
+    return [found[key] for key in sorted(found)]
+
+
+def read_curves(results: Path) -> pd.DataFrame:
+    """All learning curves, one row per logged line: experiment, run, split (train | val), step,
+    loss, lr, samples_per_s, energy_mae (eV), forces_mae (eV/A), path."""
+    columns = ["experiment", "run", "split", "step", "loss", "lr", "samples_per_s"]
+    columns += ["energy_mae", "forces_mae", "path"]
+    rows = []
+    for path in curve_files(results):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                rows.append(
+                    {
+                        "experiment": path.parents[2].name,
+                        "run": path.parent.name,
+                        **{key: record.get(key) for key in columns[2:-1]},
+                        "path": str(path),
+                    }
+                )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def prediction_files(results: Path, task: str) -> list[Path]:
+    """Every predictions npz of `task` (`<experiment>/predictions/<run>/<task>_<split>.npz`)."""
+    return sorted(Path(results).glob(f"*/predictions/*/{task}_*.npz"))
+
+
+def scaling_files(results: Path) -> list[Path]:
+    """Scaling-study measurements (`<experiment>/scaling/<run>.json`), when any were run."""
+    return sorted(Path(results).glob("*/scaling/*.json"))
+
+
+def benchmark_dir(results: Path, fallback: Path | None = None) -> Path:
+    """`results/benchmarks`, or `fallback` (the checkout's committed files) when it has none."""
+    local = Path(results) / "benchmarks"
+    if fallback is not None and not any(local.glob("*.json")):
+        return Path(fallback)
+    return local
+
+
+# ---- the published numbers --------------------------------------------------------------------
+
+
+def paper_meta(paper: Path) -> dict:
+    """tables.json: per table its title, task, layout (average | split), columns and notes."""
+    return json.loads((Path(paper) / "tables.json").read_text())["tables"]
+
+
+def paper_table(paper: Path, table: str) -> pd.DataFrame:
+    """A published table as printed: every cell a string (percentages without the % sign)."""
+    return pd.read_csv(Path(paper) / f"{table}.csv", dtype=str, keep_default_na=False)
+
+
+def paper_models(paper: Path) -> pd.DataFrame:
+    """models.csv: model_id, our config of the same architecture, parameters, training cost."""
+    return pd.read_csv(Path(paper) / "models.csv", dtype=str, keep_default_na=False)
+
+
+@functools.cache
+def parameter_count(config: str) -> int | None:
+    """Parameters of a registered model configuration (counted on the meta device), or None
+    for a name the registry does not know (e.g. a colleague's own model)."""
+    from graphpar.models import MODELS, count_parameters
+
+    return count_parameters(config) if config in MODELS else None
+
+
+def parse_count(printed: str) -> float | None:
+    """'34.8M' -> 34.8e6, '1.2k' -> 1200.0, '' -> None."""
+    if not printed:
+        return None
+    scale = {"k": 1e3, "M": 1e6, "B": 1e9}.get(printed[-1], 1.0)
+    return float(printed[:-1] if scale != 1.0 else printed) * scale
+
+
+def format_count(count: int | None) -> str:
+    """Parameters as the paper prints them: 31.0M -> '31.0M', 56198 -> '56.2k'."""
+    if count is None:
+        return "n/a"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.1f}{suffix}"
+    return str(count)

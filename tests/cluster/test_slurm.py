@@ -1,0 +1,248 @@
+"""The workflow on a real SLURM (tests/cluster/local_slurm.py: munged, slurmctld, slurmd on
+127.0.0.1) through workflow/profiles/slurm plus the test node's site profile: every job is an
+sbatch job, training starts torchrun the way a cluster would, and a killed job resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import ase.io
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import copy_test_workdir, tool_env
+
+from cluster.conftest import run_on_slurm, site_settings, slurm_snakemake, submissions
+from graphpar.train import read_checkpoint
+
+# The fixtures' time counts too: the local tiny run, the SLURM daemons.
+pytestmark = pytest.mark.timeout(3600)
+
+# Values that measure the machine, not the computation.
+MACHINE_KEYS = {"samples_per_s", "peak_memory_mb", "provenance", "seconds", "time", "elapsed"}
+
+
+def planned_jobs(output: str) -> Counter:
+    """Snakemake's "Job stats" table: jobs per rule (without the target-only rule `all`)."""
+    table = output.split("Job stats:", 1)[1].splitlines()[3:]
+    counts = Counter()
+    for line in table:
+        fields = line.split()
+        if len(fields) != 2 or fields[0] == "total":
+            break
+        counts[fields[0]] = int(fields[1])
+    counts.pop("all", None)
+    return counts
+
+
+def rule_of(slurm_log: Path) -> str:
+    """The rule of a SLURM job log: .snakemake/slurm_logs/rule_<rule>/<wildcards>/<id>.log."""
+    return next(part[5:] for part in slurm_log.parts if part.startswith("rule_"))
+
+
+def rendezvous(log: str) -> list[dict[str, str]]:
+    """Every torchrun agent's "Rendezvous complete" report in a job log (LOGLEVEL=INFO)."""
+    reports = []
+    for block in log.split("Rendezvous complete for workers.")[1:]:
+        fields = dict(re.findall(r"\]\s+(\w+)=(\S.*)$", block[:2500], flags=re.M))
+        reports.append(fields)
+    return reports
+
+
+def assert_same(local, remote, where: str, rtol: float | None = 1e-5, atol: float = 1e-7) -> None:
+    """Equal structure, equal numbers within tolerance; rtol None: numbers only where numbers."""
+    if isinstance(local, dict):
+        keys = set(local) - MACHINE_KEYS
+        assert keys == set(remote) - MACHINE_KEYS, where
+        for key in keys:
+            assert_same(local[key], remote[key], f"{where}.{key}", rtol, atol)
+    elif isinstance(local, list | tuple):
+        assert len(local) == len(remote), where
+        for index, (a, b) in enumerate(zip(local, remote, strict=True)):
+            assert_same(a, b, f"{where}[{index}]", rtol, atol)
+    elif isinstance(local, float) or isinstance(remote, float):
+        assert local is not None and remote is not None, where
+        if rtol is not None:
+            assert np.isclose(local, remote, rtol=rtol, atol=atol, equal_nan=True), where
+    else:
+        assert local == remote, where
+
+
+def assert_outputs_match(local: Path, remote: Path) -> None:
+    """The SLURM run's resources/ and results/ against the local run's: the same files; raw
+    data and LMDBs byte for byte; checkpoints, training curves, S2EF metrics and predictions
+    equal within float32 tolerance; logs and machine measurements (samples/s, memory) aside.
+
+    Relaxations (IS2RS/IS2RE metrics, their predictions, relaxed structures) are compared in
+    structure (same systems, keys, atoms, counts) but not in value: the tiny models barely
+    train, their 200-step L-BFGS relaxations do not converge and are chaotic, so weights that
+    differ in the last float32 bit (the multi-node launch runs one process per "node", which
+    torchrun leaves all CPU threads, where the local run has one each) end elsewhere."""
+    for top in ("resources", "results"):
+        files = {p.relative_to(local) for p in (local / top).rglob("*") if p.is_file()}
+        remote_files = {p.relative_to(remote) for p in (remote / top).rglob("*") if p.is_file()}
+        assert files == remote_files, top
+    everything = [p.relative_to(local) for p in local.glob("re*/**/*") if p.is_file()]
+    for path in sorted(everything):
+        a, b = local / path, remote / path
+        name = str(path)
+        relaxed = "relaxations" in path.parts or path.name.startswith(("is2rs_", "is2re_"))
+        rtol = None if relaxed else 1e-5
+        if path.parts[0] == "resources":
+            assert a.read_bytes() == b.read_bytes(), name
+        elif path.suffix == ".log":
+            continue
+        elif path.suffix == ".json":
+            assert_same(json.loads(a.read_text()), json.loads(b.read_text()), name, rtol)
+        elif path.suffix == ".jsonl":
+            lines = [json.loads(x) for x in a.read_text().splitlines()]
+            assert_same(lines, [json.loads(x) for x in b.read_text().splitlines()], name, rtol)
+        elif path.suffix == ".pt":
+            mine, theirs = read_checkpoint(a), read_checkpoint(b)
+            assert mine["step"] == theirs["step"], name
+            for key, tensor in mine["model"].items():
+                torch.testing.assert_close(theirs["model"][key], tensor, msg=f"{name}: {key}")
+        elif path.suffix == ".npz":
+            with np.load(a) as x, np.load(b) as y:
+                assert sorted(x.files) == sorted(y.files), name
+                for key in x.files:
+                    assert x[key].shape == y[key].shape, f"{name}: {key}"
+                    if x[key].dtype.kind not in "fc":
+                        np.testing.assert_array_equal(y[key], x[key], err_msg=f"{name}: {key}")
+                    elif not relaxed:
+                        np.testing.assert_allclose(y[key], x[key], 1e-3, 1e-4, err_msg=name)
+        elif path.suffix == ".extxyz":
+            frames, others = ase.io.read(a, ":"), ase.io.read(b, ":")
+            assert len(frames) == len(others), name
+            for x, y in zip(frames, others, strict=True):
+                assert list(x.numbers) == list(y.numbers), name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+
+
+def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_path, monkeypatch):
+    """Every job of the tiny config is an sbatch job (its SLURM id in Snakemake's log, SLURM's
+    own log for it); gemnet trains as one task running torchrun with 2 processes, dimenetpp
+    through the multi-node path (2 "nodes" emulated as 2 srun tasks on the one node, two
+    torchrun agents at one c10d rendezvous); every output equals the local run's."""
+    monkeypatch.setenv("LOGLEVEL", "INFO")  # torchrun then logs each agent's rendezvous
+    workdir = copy_test_workdir(tmp_path / "run")
+    config_file = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["train"]["dimenetpp"]["nodes"] = 2
+    config_file.write_text(yaml.safe_dump(config))
+
+    started = time.monotonic()
+    result = run_on_slurm(workdir, site_settings(tmp_path, train_nodes=1))
+    print(f"tiny workflow on SLURM: {time.monotonic() - started:.0f} s")
+    output = result.stdout
+    assert result.returncode == 0, output[-6000:]
+
+    submitted = submissions(output)
+    rules = Counter(rule_of(log) for *_, log in submitted)
+    assert rules == planned_jobs(output)
+    assert len({slurm_id for _, slurm_id, _ in submitted}) == len(submitted)
+    for _, slurm_id, log in submitted:
+        assert log.name == f"{slurm_id}.log" and log.is_file(), log
+        assert f"rule {rule_of(log)}:" in log.read_text(), log
+
+    logs = workdir / "logs" / "train" / "tiny"
+    agents = rendezvous((logs / "gemnet.log").read_text())
+    assert len(agents) == 1 and agents[0]["global_world_sizes"] == "[2, 2]"
+    agents = rendezvous((logs / "dimenetpp.log").read_text())
+    assert len(agents) == 2, "one torchrun agent per node"
+    assert sorted(a["group_rank"] for a in agents) == ["0", "1"]
+    assert {a["group_world_size"] for a in agents} == {"2"}
+
+    assert_outputs_match(tiny_workflow, workdir)
+
+
+def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tmp_path):
+    """A run of G x D = 2 x 2 asks for 4 GPUs and gets one task (SLURM's record and the sbatch
+    line) running one torchrun of 4 processes; `scancel` of it is reported by Snakemake as a
+    failure with the job's log, the profile's retry resubmits it and training resumes from the
+    checkpoint instead of starting over."""
+    workdir = tmp_path / "run"
+    shutil.copytree(tiny_workflow / "config", workdir / "config")
+    shutil.copytree(tiny_workflow / "resources", workdir / "resources")  # no re-preprocessing
+    config_file = workdir / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    steps = 40
+    config["train"]["gp4"] = {
+        "model": "gemnet-tiny",
+        "gp_size": 2,
+        "dp_size": 2,
+        "train": ["train"],
+        "batch_size": 4,
+        "max_steps": steps,
+        "checkpoint_every": 1,
+        "eval_every": 10**6,
+    }
+    config_file.write_text(yaml.safe_dump(config))
+    site = site_settings(tmp_path)
+    target = "results/tiny/checkpoints/gp4/final.pt"
+    command = slurm_snakemake(workdir, site, "--verbose", target)
+    env = dict(tool_env(), LOGLEVEL="INFO")  # torchrun then logs its rendezvous
+    out_file = tmp_path / "snakemake.out"
+    checkpoint = workdir / "results/tiny/checkpoints/gp4/checkpoint.pt"
+    with open(out_file, "w") as out:
+        snakemake = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.exists():
+            assert snakemake.poll() is None, out_file.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        job = subprocess.run(
+            ["squeue", "-h", "-t", "RUNNING", "-o", "%i"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(job) == 1, job
+        record = subprocess.run(
+            ["scontrol", "show", "job", job[0]], capture_output=True, text=True, check=True
+        ).stdout
+        subprocess.run(["scancel", job[0]], check=True)
+        snakemake.wait(timeout=600)
+    finally:
+        if snakemake.poll() is None:  # Snakemake may ignore SIGTERM while jobs are queued
+            os.killpg(snakemake.pid, signal.SIGKILL)
+    output = out_file.read_text()
+    assert snakemake.returncode == 0, output[-6000:]
+
+    # SLURM's record: one task with 4 GPUs; the plugin's sbatch line asked for nothing more.
+    assert re.search(r"\bNumTasks=1\b", record), record
+    assert "TresPerNode=gres:gpu:4" in record, record
+    sbatch = [line for line in output.splitlines() if "sbatch call:" in line]
+    assert len(sbatch) == 2, "the killed job and its retry"
+    for line in sbatch:
+        assert "--gres=gpu:4" in line and "--ntasks-per-gpu" not in line, line
+        assert not re.search(r"--ntasks[= ](?!1\b)", line), line
+
+    # Snakemake reported the killed job as failed, with its logs, then resubmitted it.
+    assert "Error in rule train" in output
+    assert "logs/train/tiny/gp4.log" in output
+    submitted = submissions(output)
+    assert [slurm_id for _, slurm_id, _ in submitted][0] == int(job[0])
+    assert len(submitted) == 2
+    assert str(submitted[0][2]) in output.split("Error in rule train", 1)[1]
+
+    # The retry resumed: one torchrun of 4 processes, starting from a checkpointed step.
+    agents = rendezvous((workdir / "logs/train/tiny/gp4.log").read_text())
+    assert len(agents) == 1 and agents[0]["global_world_sizes"] == "[4, 4, 4, 4]"
+    train_log = (workdir / "results/tiny/checkpoints/gp4/train.log").read_text()
+    resumed = re.search(r"resumed from \S+ at step (\d+)", train_log)
+    assert resumed and 1 <= int(resumed[1]) < steps, train_log
+    assert read_checkpoint(workdir / target)["step"] == steps
+    metrics = workdir / "results/tiny/checkpoints/gp4/metrics.jsonl"
+    train_steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert train_steps == list(range(1, steps + 1))
