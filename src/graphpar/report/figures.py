@@ -166,7 +166,7 @@ def parity(results: Path, paper: Path, benchmarks: Path) -> tuple:
             high = max(chosen["target"].max(), chosen["predicted"].max())
             ax.plot([low, high], [low, high], color="black", linewidth=0.8, label="y = x")
             unit = units[quantity]
-            ax.set(xlabel=f"DFT {quantity} ({unit})", ylabel=f"predicted {quantity} ({unit})")
+            ax.set(xlabel=f"reference {quantity} ({unit})", ylabel=f"predicted {quantity} ({unit})")
             ax.set_title(f"{_run_label(experiment, run)}: {quantity}")
             ax.legend()
     return fig, data
