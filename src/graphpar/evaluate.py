@@ -90,14 +90,19 @@ def git_commit() -> str | None:
     return result.stdout.strip()
 
 
-def provenance(checkpoint: Path, state: dict, data: Path) -> dict:
-    """Where a metrics file's numbers come from (`state`: the checkpoint, already read)."""
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
+    """Installed versions of `packages` (None for one that is not installed)."""
     versions = {}
-    for package in PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    return versions
+
+
+def provenance(checkpoint: Path, state: dict, data: Path) -> dict:
+    """Where a metrics file's numbers come from (`state`: the checkpoint, already read)."""
     return {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
@@ -107,7 +112,7 @@ def provenance(checkpoint: Path, state: dict, data: Path) -> dict:
         "dataset": str(data),
         "dataset_metadata_sha256": sha256_file(data / "metadata.json"),
         "git_commit": git_commit(),
-        "versions": versions,
+        "versions": package_versions(),
     }
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import importlib.metadata
 import json
 import math
 import statistics
@@ -42,6 +41,7 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphpar.data.dataset import BalancedBatchSampler, collate
+from graphpar.evaluate import git_commit, package_versions
 from graphpar.io import write_json
 from graphpar.models import build_model, scale_shared_gradients
 from graphpar.parallel import destroy_groups, get_dims, sync_gradients
@@ -65,12 +65,6 @@ PACKAGES = ("graphpar", "torch", "torch-geometric", "numpy")
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _git_commit() -> str | None:
-    from graphpar.evaluate import git_commit
-
-    return git_commit()
 
 
 def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict:
@@ -145,12 +139,6 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     flops_per_rank = gather_world(float(flops))
     memory = gather_world(peak_memory_mb(device))
 
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
     metadata = [Path(path) / "metadata.json" for path in config["train"]]
     return {
         "run": run,
@@ -180,8 +168,8 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
                 hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
                 for path in metadata
             ],
-            "git_commit": _git_commit(),
-            "versions": versions,
+            "git_commit": git_commit(),
+            "versions": package_versions(PACKAGES),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
