@@ -55,10 +55,11 @@ from tqdm import tqdm
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.io import atomic_path, write_json
 from graphpar.metrics import MetricSums
-from graphpar.parallel import destroy_groups, get_dims
+from graphpar.parallel import get_dims
 from graphpar.train import (
     TrainingError,
     join_processes,
+    leave_processes,
     read_checkpoint,
     trained_model,
     triplet_kind,
@@ -147,13 +148,14 @@ def evaluate_s2ef(
                 energy, batch.energy.cpu(), force, batch.forces.cpu(), batch.natoms.cpu(), ~free
             )
         structure = batch.batch.cpu()
+        target_forces = batch.forces.cpu() if labelled else None
         for k in range(batch.num_graphs):
             ids.append(f"{int(batch.sid[k])}_{int(batch.fid[k])}")
             mask = (structure == k) & free
             forces.append(force[mask].numpy())
             counts.append(int(mask.sum()))
             if labelled:
-                force_targets.append(batch.forces.cpu()[mask].numpy())
+                force_targets.append(target_forces[mask].numpy())
         energies.append(energy.numpy())
         if labelled:
             energy_targets.append(batch.energy.cpu().numpy())
@@ -203,7 +205,7 @@ def relaxation_metrics(samples: list, relaxed: list, energy: np.ndarray, oracle:
     null with the reason where labels or an oracle are missing. `per_system` holds each
     system's mean free-atom distance to the relaxed label (A) and oracle max force (eV/A), NaN
     where not computable, for the DwT and FbT curves."""
-    from graphpar.metrics import MetricSums, is2re_metrics
+    from graphpar.metrics import is2re_metrics
     from graphpar.oracle import fbt_afbt, oracle_max_forces
 
     nan = np.full(len(samples), np.nan)
@@ -400,9 +402,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     finally:
-        destroy_groups()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_processes()
     for metrics in results:
         shown = {k: v for k, v in metrics.items() if k != "provenance"}
         print(

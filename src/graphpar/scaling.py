@@ -44,12 +44,13 @@ from graphpar.data.dataset import BalancedBatchSampler, collate
 from graphpar.evaluate import git_commit, package_versions
 from graphpar.io import write_json
 from graphpar.models import build_model, scale_shared_gradients
-from graphpar.parallel import destroy_groups, get_dims, sync_gradients
+from graphpar.parallel import get_dims, sync_gradients
 from graphpar.train import (
     TrainingError,
     build_normalized_model,
     config_hash,
     gather_world,
+    leave_processes,
     load_config,
     loss_terms,
     open_datasets,
@@ -193,9 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             write_json(args.out, result)
             print(json.dumps({k: v for k, v in result.items() if k != "provenance"}))
     finally:
-        destroy_groups()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_processes()
 
 
 if __name__ == "__main__":

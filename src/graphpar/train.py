@@ -193,6 +193,13 @@ def join_processes(gp_size: int, device: str = "auto") -> torch.device:
     return rank_device
 
 
+def leave_processes() -> None:
+    """Undo `join_processes`: drop the G x D groups and leave torchrun's process group."""
+    destroy_groups()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def dp_sum(value: Tensor) -> Tensor:
     """Sum over the data-parallel group (the G ranks of a group hold the same value)."""
     group = get_dims().dp_group
@@ -798,9 +805,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     finally:
-        destroy_groups()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_processes()
 
 
 if __name__ == "__main__":
