@@ -136,12 +136,6 @@ def train_inputs(wildcards):
     return inputs
 
 
-def train_processes(run):
-    """torchrun processes: G x D (D defaults to 1 in the workflow)."""
-    run_config = TRAIN[run]
-    return run_config["gp_size"] * (run_config["dp_size"] or 1)
-
-
 def checkpoint(run):
     return f"{RESULTS}/checkpoints/{run}/final.pt"
 
