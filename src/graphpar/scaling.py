@@ -40,13 +40,14 @@ import torch
 import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
-from graphpar.data.dataset import BalancedBatchSampler, collate
+from graphpar.data.dataset import collate
 from graphpar.evaluate import git_commit, package_versions
 from graphpar.io import write_json
 from graphpar.models import build_model, scale_shared_gradients
 from graphpar.parallel import get_dims, sync_gradients
 from graphpar.train import (
     TrainingError,
+    batch_sampler,
     build_normalized_model,
     config_hash,
     gather_world,
@@ -86,13 +87,7 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["optimizer"]["lr"])
-    sampler = BalancedBatchSampler(
-        sizes,
-        batch_size=config["batch_size"] // dims.dp_size,
-        num_replicas=dims.dp_size,
-        rank=dims.dp_rank,
-        seed=config["seed"],
-    )
+    sampler = batch_sampler(config, sizes)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,

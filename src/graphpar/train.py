@@ -486,6 +486,19 @@ def validate(model: Normalized, dataset, config: Mapping, device, dtype) -> dict
     return result
 
 
+def batch_sampler(config: Mapping, sizes) -> BalancedBatchSampler:
+    """This rank's share of every global batch: the config's batch split over the D
+    data-parallel ranks, balanced by `sizes` (per-sample cost)."""
+    dims = get_dims()
+    return BalancedBatchSampler(
+        sizes,
+        batch_size=config["batch_size"] // dims.dp_size,
+        num_replicas=dims.dp_size,
+        rank=dims.dp_rank,
+        seed=config["seed"],
+    )
+
+
 class ResumedSampler:
     """A batch sampler that skips the first `skip` batches of its epoch (resuming mid-epoch)."""
 
@@ -568,13 +581,7 @@ def train(config: Mapping, out: str | os.PathLike) -> Path:
         scheduler = None
     ema = EMA(model, config["ema_decay"]) if config["ema_decay"] is not None else None
 
-    sampler = BalancedBatchSampler(
-        sizes,
-        batch_size=config["batch_size"] // dims.dp_size,
-        num_replicas=dims.dp_size,
-        rank=dims.dp_rank,
-        seed=config["seed"],
-    )
+    sampler = batch_sampler(config, sizes)
     steps_per_epoch = len(sampler)
     total_steps = math.inf if config["max_steps"] is None else config["max_steps"]
     if config["epochs"] is not None:
