@@ -6,7 +6,8 @@
 VENV := .venv
 PYTHON := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-# Rules call `python -m graphpar...`: the venv's python must come first on PATH.
+# The recipes call the venv's tools by name (ruff, snakefmt, snakemake, pytest). The rules need
+# no PATH: they run the interpreter Snakemake runs in (workflow/rules/common.smk).
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install lint format test reproduce clean
@@ -33,14 +34,17 @@ format: install
 	ruff format .
 	snakefmt Snakefile workflow
 
+# --durations: the slowest tests in CI's output, so the suite's cost stays visible.
 test: lint
-	pytest
+	pytest --durations=25
 
 # The report reads whatever results exist, so it runs after the pipeline, never inside it.
+# report.html is built for both targets, so that its rule graph and runtimes hold the pipeline's
+# jobs (data, preprocessing, training, evaluation) beside the report's.
 reproduce: install
 	snakemake --cores all
 	snakemake --cores all report
-	snakemake report --report report.html
+	snakemake --report report.html all report
 
 clean:
 	rm -rf .snakemake logs

@@ -63,8 +63,8 @@ include: "workflow/rules/relax.smk"
 
 # ---- report -------------------------------------------------------------------------------------
 # Not part of `rule all`: the report is built from whatever results exist, after the pipeline
-# (`snakemake --cores 1 report`, then `snakemake report --report report.html`; `make reproduce`
-# runs all three).
+# (`snakemake --cores 1 report`, then `snakemake --report report.html all report`, the HTML
+# report of the pipeline and the report; `make reproduce` runs all three).
 
 
 report: "workflow/report/workflow.rst"

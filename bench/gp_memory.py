@@ -183,10 +183,10 @@ def model_settings(args) -> dict[str, tuple[str, dict]]:
     }
 
 
-def training_step(model, kind: str, batch, params) -> None:
-    pos = batch.pos.detach().requires_grad_(kind == "dimenetpp")
+def training_step(model, family: str, batch, params) -> None:
+    pos = batch.pos.detach().requires_grad_(family == "dimenetpp")
     batch.pos = pos
-    if kind == "dimenetpp":
+    if family == "dimenetpp":
         energy = model.energy(batch, pos)
         (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=True)
         forces = -grad
@@ -204,7 +204,7 @@ def training_step(model, kind: str, batch, params) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def rank_entry(rank, world_size, port, batch_file, kind, name, overrides, result_file):
+def rank_entry(rank, world_size, port, batch_file, family, name, overrides, result_file):
     torch.set_num_threads(1)  # up to 4 ranks share 2 cores
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(
@@ -220,19 +220,20 @@ def rank_entry(rank, world_size, port, batch_file, kind, name, overrides, result
         torch.manual_seed(0)
         model = build_model(name, **overrides)
         model.train()
-        counter.watch_blocks(model.interaction_blocks if kind == "dimenetpp" else model.int_blocks)
+        blocks = model.interaction_blocks if family == "dimenetpp" else model.int_blocks
+        counter.watch_blocks(blocks)
         params = [p for p in model.parameters() if p.requires_grad]
         batch = torch.load(batch_file, weights_only=False)
         rss_loaded = rss_bytes()
         start = time.perf_counter()
-        training_step(model, kind, batch, params)  # warm-up
+        training_step(model, family, batch, params)  # warm-up
         warmup_s = time.perf_counter() - start
         dist.barrier()
         rss_before = rss_bytes()
         counter.active = True
         start = time.perf_counter()
         with PeakRSS() as peak:
-            training_step(model, kind, batch, params)
+            training_step(model, family, batch, params)
         step_s = time.perf_counter() - start
         counter.active = False
         dist.barrier()
@@ -260,9 +261,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world_size, batch_file, kind, name, overrides, tmp: Path) -> list[dict]:
-    result_file = tmp / f"{kind}-G{world_size}"
-    args = (world_size, free_port(), batch_file, kind, name, overrides, str(result_file))
+def run_ranks(world_size, batch_file, family, name, overrides, tmp: Path) -> list[dict]:
+    result_file = tmp / f"{family}-G{world_size}"
+    args = (world_size, free_port(), batch_file, family, name, overrides, str(result_file))
     mp.spawn(rank_entry, args=args, nprocs=world_size)
     return [json.loads(Path(f"{result_file}.{r}").read_text()) for r in range(world_size)]
 
@@ -306,31 +307,31 @@ def main(argv=None) -> None:
         batch_file = str(Path(tmp) / "batch.pt")
         torch.save(batch, batch_file)
         del batch
-        for kind in args.models:
-            name, overrides = settings[kind]
-            runs[kind] = {
+        for family in args.models:
+            name, overrides = settings[family]
+            runs[family] = {
                 "config": name,
                 "overrides": overrides,
                 "parameters": count_parameters(name, **overrides),
                 "G": {},
             }
             for g in args.sizes:
-                ranks = run_ranks(g, batch_file, kind, name, overrides, Path(tmp))
+                ranks = run_ranks(g, batch_file, family, name, overrides, Path(tmp))
                 act = [r["activation_mb"] for r in ranks]
-                runs[kind]["G"][str(g)] = {
+                runs[family]["G"][str(g)] = {
                     "ranks": ranks,
                     "max_activation_mb": max(act),
                     "mean_activation_mb": sum(act) / len(act),
                 }
                 per_block = max(r["comm_bytes_interaction_forward"] for r in ranks) / 3
                 print(
-                    f"{kind} G={g}: activation MB per rank {[round(a) for a in act]}, "
+                    f"{family} G={g}: activation MB per rank {[round(a) for a in act]}, "
                     f"step s {[round(r['step_s'], 1) for r in ranks]}, "
                     f"bytes/interaction block (forward) {per_block:.3g}",
                     flush=True,
                 )
-            base = runs[kind]["G"].get("1")
-            for entry in runs[kind]["G"].values():
+            base = runs[family]["G"].get("1")
+            for entry in runs[family]["G"].values():
                 if base:
                     entry["ratio_to_G1"] = entry["max_activation_mb"] / base["max_activation_mb"]
                 num_blocks = overrides["num_blocks"]

@@ -1,7 +1,7 @@
 """Preprocessing throughput on one CPU core: our graph + triplets against ASE and pymatgen.
 
 Structures are OC20-sized (fcc(111) 4x4x5 Cu/Pt slabs, ~80 atoms, with a small adsorbate, 7 A
-vacuum each side, rattled, pbc T T T); cutoff 6 A, 50 neighbours (design.md section 2).
+vacuum each side, rattled, pbc T T T); cutoff 6 A, 50 neighbours (docs/architecture.md section 4).
 
 * ours: `radius_graph_batch` on chunks of `--batch-size` structures, then DimeNet++ triplets,
   GemNet's symmetric graph and its triplets (everything a DataLoader worker builds);

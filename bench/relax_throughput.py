@@ -36,7 +36,7 @@ from machine import cpu_model
 from graphpar.calculator import GraphparCalculator, graph_settings
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.relax import relax_batch
-from graphpar.train import read_checkpoint, trained_model
+from graphpar.training.checkpoint import read_checkpoint, trained_model
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "benchmarks" / "relax_throughput.json"

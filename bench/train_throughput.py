@@ -1,5 +1,5 @@
 """Training throughput (samples/s) and peak memory per rank at G = 1 and 2 (D = 1), both small
-models, through the real entry point: `torchrun -m graphpar.train` on the embedded dataset.
+models, through the real entry point: `torchrun -m graphpar.training.train` on the embedded dataset.
 
 Each configuration trains `--steps` steps (batch 8, no validation, float32) from scratch in a
 temporary folder; samples/s is the median over the steps after the first `--warmup` of the
@@ -56,7 +56,7 @@ def run(model: str, gp_size: int, data: Path, steps: int, workdir: Path) -> dict
     threads = str(max(1, (os.cpu_count() or 1) // gp_size))
     env = dict(os.environ, OMP_NUM_THREADS=threads, GLOO_SOCKET_IFNAME="lo")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += [f"--nproc_per_node={gp_size}", "-m", "graphpar.train"]
+    command += [f"--nproc_per_node={gp_size}", "-m", "graphpar.training.train"]
     command += ["--config", str(path), "--out", str(out)]
     subprocess.run(command, check=True, env=env, capture_output=True)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

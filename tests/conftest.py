@@ -11,27 +11,92 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # this interpreter's bin/: the venv's under `make test`
+SNAKEMAKE = BIN / "snakemake"
+DATA = Path(__file__).resolve().parent / "data"  # fixtures kept in the repository
 SNAKEFILE = REPO / "Snakefile"
 
 
+def skips_fail() -> bool:
+    """True when the environment variable CI holds a true value ("true", "1", "yes"): a skip is
+    then a failure, so CI cannot pass by not running a test."""
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
+
+
+def _fail_skip(report: pytest.CollectReport | pytest.TestReport, stopped: bool) -> None:
+    """Under CI, turn a skipped report into a failed one that gives the skip's reason. A test
+    that stopped by `pytest.xfail()` or `xfail(run=False)` (`stopped`) did not run either; an
+    xfail mark on a test that ran to its failure stays xfailed (xfail_strict in pyproject.toml
+    fails it if it passes)."""
+    if not (skips_fail() and report.skipped) or (hasattr(report, "wasxfail") and not stopped):
+        return
+    if isinstance(report.longrepr, tuple):  # (path, 1-based line or None, "Skipped: reason")
+        path, line, reason = report.longrepr
+        where = f"{path}:{line}: " if line is not None else f"{path}: "
+    else:
+        where, reason = "", getattr(report, "wasxfail", None) or str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"CI={os.environ['CI']} makes a skip a failure: {where}{reason}"
+    report.skip_under_ci = True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Skips of every phase: pytest.skip() in a test or fixture, skipif and skip marks."""
+    report = yield
+    stopped = call.excinfo is not None and call.excinfo.errisinstance(pytest.xfail.Exception)
+    _fail_skip(report, stopped)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    """Skips while collecting: pytest.skip(allow_module_level=True), pytest.importorskip()."""
+    report = yield
+    _fail_skip(report, stopped=False)
+    return report
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_report_teststatus(report):
+    """A skip failed under CI counts as failed in every phase (setup too, not as an error)."""
+    if getattr(report, "skip_under_ci", False):
+        return "failed", "F", "FAILED"
+    return None
+
+
 def tool_env() -> dict[str, str]:
-    """Environment for subprocesses: this interpreter's bin/ first, so rules find its python."""
+    """Environment for commands the tests start by name (torchrun): this interpreter's bin/
+    first."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def snakemake_env() -> dict[str, str]:
+    """Environment for Snakemake called by its path, as by a user who runs .venv/bin/snakemake
+    without activating the venv: PATH without the venv's bin/, no VIRTUAL_ENV. Rules must then
+    find python and torchrun through Snakemake's own interpreter (workflow/rules/common.smk)."""
+    env = dict(os.environ)
+    if sys.prefix == sys.base_prefix:  # not a venv: its bin/ may hold the shell's tools too
+        return env
+    env.pop("VIRTUAL_ENV", None)
+    paths = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(p for p in paths if p and Path(p).resolve() != BIN.resolve())
     return env
 
 
 def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the real snakemake CLI on this repository's Snakefile in `workdir`."""
+    """Run the real snakemake CLI on this repository's Snakefile in `workdir` (snakemake_env)."""
     command = [
-        shutil.which("snakemake", path=tool_env()["PATH"]) or "snakemake",
+        str(SNAKEMAKE),
         "--snakefile",
         str(SNAKEFILE),
         "--directory",
         str(workdir),
         *args,
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=tool_env())
+    result = subprocess.run(command, capture_output=True, text=True, env=snakemake_env())
     if check and result.returncode != 0:
         raise AssertionError(
             f"snakemake {' '.join(args)} failed ({result.returncode}):\n"

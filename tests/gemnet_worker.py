@@ -9,13 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from conftest import DATA
 from gloo import process_group
 from model_worker import train_step
 
 from graphpar.models.gemnet import GemNetT, load_fairchem_state_dict
 from graphpar.parallel import get_dims, init_groups
 
-FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt")
+FIXTURE = DATA / "fairchem-gemnet-dt"
 
 
 def make_model(direct_forces: bool = True) -> GemNetT:

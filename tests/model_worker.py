@@ -19,7 +19,11 @@ from gloo import process_group
 import graphpar.models.dimenetpp
 import graphpar.models.gemnet
 from graphpar.models import build_model
-from graphpar.parallel import gather_for_replicated, init_groups, sync_gradients
+from graphpar.parallel import gather_for_replicated, init_groups
+from graphpar.training import step
+from graphpar.training.config import load_config
+from graphpar.training.normalization import Normalized
+from graphpar.training.step import build_optimizer
 
 MODELS = ("dimenetpp-tiny", "gemnet-tiny")
 CUTOFF = 4.0
@@ -67,19 +71,32 @@ def sparse_batches() -> dict:
     }
 
 
+# The trainer's config for `train_step`, which reads only the loss (energy MAE + force L2-MAE,
+# unit weights), clipping (none here) and shared-gradient scaling settings.
+STEP_CONFIG = load_config(
+    {
+        "model": "gemnet-tiny",
+        "train": ["(unused: the batches are built here)"],
+        "max_steps": 1,
+        "dtype": "float64",
+        "loss": {"energy_coefficient": 1, "force_coefficient": 1},
+        "clip_grad_norm": None,
+        "ema_decay": None,
+    }
+)
+
+
 def train_step(model, batch):
-    """Energy MAE + force L2 loss, backward, synchronised gradients: (energy, forces, grads)."""
-    model.zero_grad(set_to_none=True)
-    out = model(batch)
-    loss = (out["energy"] - batch.energy).abs().mean()
-    loss = loss + (out["forces"] - batch.forces).norm(dim=1).mean()
-    loss.backward()
-    sync_gradients(model)
+    """The trainer's `train_step` (unnormalised targets), which synchronises the gradients over
+    G x D: (energy, forces, grads), the gradients as the optimiser step used them."""
+    normalized = Normalized(model)
+    optimizer, _ = build_optimizer(normalized, STEP_CONFIG)
+    result = step.train_step(normalized, batch, optimizer, STEP_CONFIG)
     grads = {
         name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
         for name, p in model.named_parameters()
     }
-    return out["energy"].detach(), out["forces"].detach(), grads
+    return result.predictions["energy"], result.predictions["forces"], grads
 
 
 @contextlib.contextmanager

@@ -12,13 +12,9 @@ from conftest import float64_batch
 
 from graphpar.calculator import GraphparCalculator, graph_settings
 from graphpar.models import build_model
-from graphpar.train import (
-    CHECKPOINT_FORMAT,
-    Normalized,
-    config_hash,
-    load_config,
-    rng_state,
-)
+from graphpar.training.checkpoint import CHECKPOINT_FORMAT, rng_state
+from graphpar.training.config import config_hash, load_config
+from graphpar.training.normalization import Normalized
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +101,7 @@ def test_ase_bfgs_runs(model):
 
 
 def write_checkpoint(path, model: Normalized, graph) -> None:
-    """A checkpoint in the format graphpar.train writes (one untrained step)."""
+    """A checkpoint in the format graphpar.training writes (one untrained step)."""
     config = load_config(
         {"model": "dimenetpp-tiny", "train": ["unused"], "max_steps": 1, "dtype": "float64"}
     )

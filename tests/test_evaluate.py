@@ -1,4 +1,4 @@
-"""The relax CLI (python -m graphpar.evaluate relax): under torchrun with graph and data
+"""The relax CLI (python -m graphpar.relax): under torchrun with graph and data
 parallelism, killed and resumed, and with EMT itself as the force field."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 import torch
 from ase.calculators.emt import EMT
 from ase.io import read
+from calculator_model import CalculatorModel
 from conftest import tool_env
 
 from graphpar.data.dataset import LmdbDataset
 from graphpar.data.mini import SPLITS, MiniConfig, generate
-from graphpar.evaluate import evaluate_relaxations, relaxation_metrics
 from graphpar.preprocess import preprocess
-from graphpar.relax import CalculatorModel, relax_dataset
+from graphpar.relax import evaluate_relaxations, relax_dataset, relaxation_metrics
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -48,13 +48,12 @@ def checkpoint(tiny_workflow):
 
 
 def relax_command(checkpoint, data, out, processes: int, *options: str) -> list[str]:
-    launch = [sys.executable, "-m", "graphpar.evaluate"]
+    launch = [sys.executable, "-m", "graphpar.relax"]
     if processes > 1:
         launch = ["torchrun", "--standalone", f"--nproc_per_node={processes}", "-m"]
-        launch.append("graphpar.evaluate")
+        launch.append("graphpar.relax")
     return [
         *launch,
-        "relax",
         *("--checkpoint", str(checkpoint), "--data", str(data), "--split", "val_id"),
         *("--out-dir", str(out / "relaxed"), "--metrics-dir", str(out / "metrics")),
         *("--predictions-dir", str(out / "predictions"), "--device", "cpu"),

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from ase.build import add_adsorbate, fcc111
-from conftest import float64_batch
+from conftest import DATA, float64_batch
 
 from graphpar.models import build_model, count_parameters, scale_shared_gradients
 from graphpar.models.gemnet import (
@@ -23,8 +22,7 @@ from graphpar.models.gemnet import (
 )
 from graphpar.models.gemnet_basis import PolynomialEnvelope, RadialBasis, real_sph_harm_l0
 
-FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt")
-needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="fairchem GemNet-dT fixture")
+FIXTURE = DATA / "fairchem-gemnet-dt"
 
 
 def fixture():
@@ -85,7 +83,6 @@ def test_radial_basis_closed_form():
     assert basis.rbf.coeff == coeff
 
 
-@needs_fixture
 def test_circular_basis_closed_form_and_fixture_constants():
     config = json.loads((FIXTURE / "model.json").read_text())
     constants = config["derived_constants"]
@@ -103,7 +100,6 @@ def test_circular_basis_closed_form_and_fixture_constants():
     assert np.abs(gram - np.eye(7)).max() < 1e-12
 
 
-@needs_fixture
 @pytest.mark.parametrize("prefix", ["batch", "s0", "s1"])
 def test_matches_fairchem_fixture(prefix):
     config, weights, graph, outputs = fixture()
@@ -126,7 +122,6 @@ def test_matches_fairchem_fixture(prefix):
     assert f_abs < 1e-6
 
 
-@needs_fixture
 def test_fairchem_symmetric_graph_order_gives_same_result():
     """fairchem's own symmetrised graph and triplets (its edge order, [kept | reversed]) in the
     batch reproduce the fixture too: the model does not depend on the edge order."""
@@ -146,7 +141,6 @@ def test_fairchem_symmetric_graph_order_gives_same_result():
     assert np.abs(out["forces"].detach().numpy() - outputs["batch_forces"]).max() < 1e-10
 
 
-@needs_fixture
 def test_loader_fails_loudly():
     config, weights, _, _ = fixture()
     args, scales = config["constructor_args"], config["scale_factors"]
@@ -250,7 +244,7 @@ def test_registry_and_parameter_counts():
     print("parameters:", counts)
     assert abs(counts["gemnet-dt"] - 31.7e6) / 31.7e6 < 0.02
     assert abs(counts["gemnet-xl"] - 293e6) / 293e6 < 0.02
-    # paper.md 2.4: arithmetic gives ~121M / 243M / 479M / 942M (table: 125M ... 960M).
+    # docs/paper.md, Table 4: arithmetic gives ~121M / 243M / 479M / 942M (table: 125M ... 960M).
     for name, paper in (
         ("gemnet-125m", 125e6),
         ("gemnet-245m", 245e6),
@@ -263,7 +257,6 @@ def test_registry_and_parameter_counts():
     assert build_model("gemnet-tiny", cutoff=5.0).cutoff == 5.0
 
 
-@needs_fixture
 def test_graph_parallel_matches_fixture_and_serial(tmp_path):
     """G = 2 gloo ranks on the fixture: energies and forces equal fairchem's outputs, and the
     synchronised gradients of an energy + force loss equal the serial model's (direct forces,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,19 +10,23 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.neighborlist import neighbor_list
+from conftest import DATA
 from torch_geometric.data import Batch
 
 from graphpar.data.graph import (
+    TRIPLET_FIELDS,
     atoms_to_sample,
+    attach_triplets,
     dimenet_triplets,
     gemnet_triplets,
     radius_graph,
     radius_graph_batch,
     symmetric_graph,
     triplet_counts,
+    triplet_fields,
 )
 
-FIXTURE = Path("/work/shared/fixtures/fairchem-gemnet-dt/graph.npz")
+FIXTURE = DATA / "fairchem-gemnet-dt" / "graph.npz"
 
 
 def random_structure(seed: int, cell, pbc, num_atoms: int) -> Atoms:
@@ -305,6 +307,25 @@ def test_sample_batching_offsets_indices():
         e = slice(int(sym_start[b]), int(sym_start[b + 1]))
         assert torch.equal(batch.id_swap[e] - int(sym_start[b]), sample.id_swap)
         assert int(edge_start[b + 1] - edge_start[b]) == sample.edge_index.shape[1]
+
+
+def test_triplets_built_for_a_batch_equal_the_samples_batched():
+    """A model builds the triplets of a batch that lacks them (`triplet_fields`); they equal the
+    triplets attached to each sample (preprocessing, the loader) and offset by batching."""
+    structures = [slab([1, 1, 1]), STRUCTURES["triclinic"], STRUCTURES["small cell"]]
+    bare = [atoms_to_sample(a, cutoff=5.0, max_neighbors=20, triplets=False) for a in structures]
+    attached = Batch.from_data_list([attach_triplets(s.clone()) for s in bare])
+    batch = Batch.from_data_list(bare)
+    for family, keys in TRIPLET_FIELDS.items():
+        assert all(key not in batch for key in keys)
+        built = triplet_fields(batch, family)
+        assert all(key not in batch for key in keys)  # the batch is left as it is
+        carried = triplet_fields(attached, family)
+        for key, ours, expected in zip(keys, built, carried, strict=True):
+            assert ours is not expected and torch.equal(ours, expected), (family, key)
+            assert carried[keys.index(key)] is attached[key]  # carried fields, not rebuilt
+    with pytest.raises(ValueError, match="unknown triplet family"):
+        triplet_fields(batch, "schnet")
 
 
 def test_atoms_to_sample_fields():

@@ -40,7 +40,8 @@ from graphpar.data.mini import is2re_data, write_is2re_split
 
 
 def make_sample(seed: int, natoms: int = 5, num_edges: int = 12, triplets: bool = True) -> dict:
-    """A sample with every field of design.md's schema, random but deterministic."""
+    """A sample with every field of the schema (docs/architecture.md section 3), random but
+    deterministic."""
     rng = np.random.default_rng(seed)
     sample = {
         "pos": rng.normal(size=(natoms, 3)).astype(np.float32),

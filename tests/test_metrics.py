@@ -7,13 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 
 from graphpar.metrics import (
     AFBT_THRESHOLDS,
     DWT_THRESHOLDS,
     MetricSums,
-    all_reduce_sums,
     dwt_curve,
     fbt_curve,
     is2re_metrics,
@@ -204,53 +202,32 @@ def test_max_force_norms():
     np.testing.assert_allclose(max_force_norms(forces, [2, 2]), [5.0, 100.0])
 
 
-def test_metric_sums_merge_equals_whole():
+def test_metric_sums_by_batch_equal_whole():
+    """Sums updated batch by batch (as the evaluation does) give the metrics of the whole."""
     pred_e, true_e, pred_f, true_f, natoms, fixed = s2ef_case()
-    first = MetricSums().update_s2ef(pred_e[:1], true_e[:1], pred_f[:3], true_f[:3], [3], fixed[:3])
-    second = MetricSums().update_s2ef(
-        pred_e[1:], true_e[1:], pred_f[3:], true_f[3:], [3], fixed[3:]
+    batches = MetricSums().update_s2ef(
+        pred_e[:1], true_e[:1], pred_f[:3], true_f[:3], [3], fixed[:3]
     )
-    merged = first.merge(second).result("s2ef")
+    batches.update_s2ef(pred_e[1:], true_e[1:], pred_f[3:], true_f[3:], [3], fixed[3:])
+    by_batch = batches.result("s2ef")
     whole = s2ef_metrics(pred_e, true_e, pred_f, true_f, natoms, fixed)
-    assert merged.keys() == whole.keys()
+    assert by_batch.keys() == whole.keys()
     for key in whole:
-        assert merged[key] == pytest.approx(whole[key])
+        assert by_batch[key] == pytest.approx(whole[key])
 
     cell, pbc = 10.0 * np.eye(3)[None].repeat(2, 0), [True] * 3
     pred = np.array([[0.0, 0.0, 0.0], [0.25, 0.0, 0.0]])
     true = np.zeros((2, 3))
     halves = MetricSums().update_is2rs(pred[:1], true[:1], cell[:1], pbc, [1], [False], [0.01])
-    halves = halves.merge(
-        MetricSums().update_is2rs(pred[1:], true[1:], cell[1:], pbc, [1], [False], [0.2005])
-    )
+    halves.update_is2rs(pred[1:], true[1:], cell[1:], pbc, [1], [False], [0.2005])
     whole = is2rs_metrics(pred, true, cell, pbc, [1, 1], [False, False], [0.01, 0.2005])
     assert halves.result("is2rs") == pytest.approx(whole)
     assert whole["adwt"] == pytest.approx((490 + 249) / 980)
     assert whole["afbt"] == pytest.approx((390 + 200) / 782)  # 0.01 is not below 0.01
     assert whole["fbt"] == 0.5
 
-    is2re = (
-        MetricSums()
-        .update_is2re([0.01, 0.02], [0, 0])
-        .merge(MetricSums().update_is2re([0.5, 0.0], [0, 0]))
-    )
+    is2re = MetricSums().update_is2re([0.01, 0.02], [0, 0]).update_is2re([0.5, 0.0], [0, 0])
     assert is2re.result("is2re") == pytest.approx(is2re_metrics([0.01, 0.02, 0.5, 0], [0] * 4))
-
-
-def test_all_reduce_sums_single_process(tmp_path):
-    sums = MetricSums().update_s2ef(*s2ef_case())
-    sums.update_is2rs(np.zeros((1, 3)), np.zeros((1, 3)), np.eye(3), [True] * 3, [1], [False])
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised")
-    assert all_reduce_sums(sums) == sums  # not initialised: a copy
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
-    try:
-        reduced = all_reduce_sums(sums)
-    finally:
-        dist.destroy_process_group()
-    assert reduced == sums
-    assert isinstance(reduced.n_energy, int) and isinstance(reduced.energy_abs, float)
 
 
 def test_shape_errors():

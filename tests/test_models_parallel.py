@@ -12,7 +12,7 @@ import model_worker as mw
 import pytest
 import torch
 
-from graphpar.data.graph import dimenet_triplets
+from graphpar.data.graph import triplet_fields
 from graphpar.parallel import partition_edges
 from graphpar.parallel.groups import get_dims
 
@@ -36,12 +36,13 @@ def errors(result, reference) -> dict[str, float]:
     return out
 
 
-def triplets(name: str, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
+def model_triplets(name: str, batch) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(input edge, output edge, number of edges) of the model's triplet convention."""
-    if name.startswith("dimenet"):
-        idx_kj, idx_ji = dimenet_triplets(batch.edge_index, batch.cell_offsets, batch.pos.size(0))
+    family = mw.make_model(name).triplet_family
+    if family == "dimenetpp":
+        idx_kj, idx_ji = triplet_fields(batch, family)
         return idx_kj, idx_ji, batch.edge_index.size(1)
-    edge_index, _, _, id3_ba, id3_ca = mw.make_model(name).graph(batch)
+    edge_index, _, _, id3_ba, id3_ca = triplet_fields(batch, family)
     return id3_ba, id3_ca, edge_index.size(1)
 
 
@@ -67,7 +68,7 @@ def serial():
 def test_graph_parallel_matches_serial(gp_size, serial, tmp_path):
     batch = mw.make_batch(seed=100)
     for name in mw.MODELS:  # triplets must read edges of other ranks, or the test is vacuous
-        input_edge, output_edge, num_edges = triplets(name, batch)
+        input_edge, output_edge, num_edges = model_triplets(name, batch)
         part = partition_edges(output_edge, num_edges, gp_size)
         remote = int((part.owner(input_edge) != part.owner(output_edge)).sum())
         print(f"{name} G={gp_size}: edges per rank {part.sizes}, {remote} cross-rank triplets")

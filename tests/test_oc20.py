@@ -176,7 +176,7 @@ def test_catalogue_entries_are_well_formed():
     assert len(oc20.CATALOGUE) == 12
     for name, archive in oc20.CATALOGUE.items():
         assert archive.name == name
-        assert archive.kind in oc20.KINDS
+        assert archive.layout in oc20.LAYOUTS
         assert archive.md5s and all(re.fullmatch(r"[0-9a-f]{32}", md5) for md5 in archive.md5s)
         assert re.fullmatch(r"[\d.]+[MGT] / [\d.]+[MGT]", archive.size)
         assert archive.splits == tuple(archive.counts)
@@ -206,7 +206,7 @@ def test_archive_lookups():
     assert oc20.archive_for_split("is2re", "train_10k").name == "is2re"
     with pytest.raises(KeyError, match="valid splits: .*train_200k"):
         oc20.archive_for_split("s2ef", "train_5M")
-    with pytest.raises(KeyError, match="unknown OC20 kind"):
+    with pytest.raises(KeyError, match="unknown OC20 task"):
         oc20.archive_for_split("s2re", "train")
     assert oc20.archive_by_filename("downloads/s2ef_train_200K.tar").name == "s2ef_train_200k"
     with pytest.raises(KeyError):
@@ -405,8 +405,8 @@ def _regular(name: str) -> tarfile.TarInfo:
     return info
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink", "hardlink"])
-def test_unsafe_members_are_refused(tmp_path, kind):
+@pytest.mark.parametrize("member", ["dotdot", "absolute", "symlink", "hardlink"])
+def test_unsafe_members_are_refused(tmp_path, member):
     sandbox = tmp_path / "sandbox"
     root = sandbox / "data"
     root.mkdir(parents=True)
@@ -416,10 +416,10 @@ def test_unsafe_members_are_refused(tmp_path, kind):
         "absolute": _regular(str(absolute_target)),
         "symlink": tarfile.TarInfo("s2ef_val_id/s2ef_val_id/link.txt"),
         "hardlink": tarfile.TarInfo("s2ef_val_id/s2ef_val_id/hard.txt"),
-    }[kind]
-    if kind == "symlink":
+    }[member]
+    if member == "symlink":
         bad.type, bad.linkname = tarfile.SYMTYPE, "/etc/passwd"
-    if kind == "hardlink":
+    if member == "hardlink":
         bad.type, bad.linkname = tarfile.LNKTYPE, "s2ef_val_id/s2ef_val_id/0.txt.xz"
     tar_path = _unsafe_tar(tmp_path / "evil.tar", bad)
 

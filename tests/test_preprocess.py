@@ -15,14 +15,8 @@ import torch
 from conftest import tool_env
 from torch.utils.data import DataLoader
 
-from graphpar.data.dataset import (
-    TRIPLET_FIELDS,
-    BalancedBatchSampler,
-    LmdbDataset,
-    balanced_partition,
-    collate,
-)
-from graphpar.data.graph import atoms_to_sample, edge_vectors
+from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
+from graphpar.data.graph import TRIPLET_FIELDS, atoms_to_sample, edge_vectors
 from graphpar.data.lmdb import iter_pyg_lmdb
 from graphpar.data.mini import SPLITS, MiniConfig, generate
 from graphpar.preprocess import PreprocessError, preprocess, read_txt
@@ -144,8 +138,20 @@ def test_triplets_built_in_loader_workers_equal_stored_ones(processed):
     assert count == len(stored)
 
 
+def test_sample_order_does_not_depend_on_the_number_of_workers(raw, processed):
+    """Two workers and one build the same dataset, index for index: a machine with more cores
+    trains on the same batches."""
+    assert len(list((raw / "s2ef" / "train").glob("*.extxyz.xz"))) >= 3  # enough to split
+    two = LmdbDataset(processed / "s2ef")
+    one = LmdbDataset(processed / "s2ef_lean")
+    assert len(two.metadata["shards"]) == 2
+    order = [(int(s.sid), int(s.fid)) for s in two]
+    assert order == [(int(s.sid), int(s.fid)) for s in one]
+    assert len(set(order)) == len(order)
+
+
 def per_structure_quantities(batch):
-    """Model-free sums per structure over edges and both kinds of triplets."""
+    """Model-free sums per structure over edges and both triplet families."""
     structures = int(batch.num_graphs)
     edge_graph = batch.batch[batch.edge_index[1]]
     vectors = edge_vectors(batch.pos, batch.edge_index, batch.cell_offsets, batch.cell, batch.batch)

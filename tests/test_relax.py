@@ -10,10 +10,11 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.emt import EMT
 from ase.constraints import FixAtoms
 from ase.optimize import LBFGS
+from calculator_model import CalculatorModel
 from conftest import float64_batch
 
 from graphpar.data.graph import atoms_to_sample, radius_graph_batch
-from graphpar.relax import TRIPLET_KEYS, CalculatorModel, relax_batch, relax_dataset
+from graphpar.relax import TRIPLET_KEYS, relax_batch, relax_dataset
 
 OPTIONS = {"maxstep": 0.04, "damping": 1.0, "alpha": 70.0}
 FMAX = 0.05

@@ -29,8 +29,10 @@ REPORT_RULES = {"report", "report_table", "report_figure", "report_config"}
 # The documented regeneration from cache (README), with the test's two cores.
 REGENERATE = ("--cores", "2", "report")
 
-# The paper's tables verbatim from ../shared/paper.md section 3 (checked against that file when
-# it is present): what the rendered tables must reproduce cell by cell.
+# The paper's tables verbatim as docs/paper.md transcribes them from the paper (arXiv 2203.09697,
+# Tables 1-3 and 5-7), checked against that file: what the rendered tables must reproduce cell by
+# cell.
+DOCS_PAPER = REPO / "docs" / "paper.md"
 PAPER_MD = """
 ### Table 1: S2EF test (avg of ID, OOD-Ads, OOD-Cat, OOD-Both) [P]
 | Model | #Params | Training GPU-days | Energy MAE (eV)↓ | Force MAE (eV/Å)↓ | Force Cos↑ | EFwT↑ |
@@ -102,7 +104,7 @@ PAPER_MD = """
 | OOD Both | 0.3843 / 7.87% | 0.4203 / 6.56% | 0.5042 / 3.82% | 0.3383 / 9.65% | 0.4665 / 4.19% |
 """  # noqa: E501 (verbatim lines)
 
-# paper.md's column names -> the rendered tables' (units in the header, % signs dropped).
+# docs/paper.md's column names -> the rendered tables' (units in the header, % signs dropped).
 COLUMNS = {
     "#Params": "#Params",
     "Training GPU-days": "Training GPU-days",
@@ -121,7 +123,7 @@ COLUMNS = {
     "FbT↑": "FbT (%)",
     "EwT↑": "EwT (%)",
 }
-# Wide per-split tables of paper.md: each cell holds these values, "a / b / c".
+# Wide per-split tables of docs/paper.md: each cell holds these values, "a / b / c".
 WIDE = {"7": ("AFbT (%)", "ADwT (%)", "FbT (%)"), "6": ("Energy MAE (eV)", "EwT (%)")}
 
 
@@ -133,10 +135,25 @@ def _printed(cell: str) -> str:
     return cell.replace("**", "").replace("%", "").strip()
 
 
-def paper_md_tables() -> dict[str, list[dict]]:
-    """PAPER_MD as {"table1": [{column label: printed cell}, ...]} in our column names."""
+def table_blocks(text: str) -> list[str]:
+    """The `### Table N: ...` blocks of a Markdown text, each its heading and the table lines
+    right below it, in document order."""
+    lines = text.splitlines()
+    blocks = []
+    for start, line in enumerate(lines):
+        if re.match(r"### Table \d", line):
+            end = start + 1
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            blocks.append("\n".join(lines[start:end]))
+    return blocks
+
+
+def paper_md_tables(text: str = PAPER_MD) -> dict[str, list[dict]]:
+    """The tables of `text` (PAPER_MD or docs/paper.md) as {"table1": [{column label: printed
+    cell}, ...]} in our column names."""
     tables = {}
-    for block in PAPER_MD.strip().split("\n\n"):
+    for block in table_blocks(text):
         title, header, _, *lines = block.splitlines()
         number = re.match(r"### Table (\d)", title).group(1)
         names = _cells(header)
@@ -171,19 +188,20 @@ def rendered_rows(markdown: str) -> list[dict]:
     return [dict(zip(header, _cells(line), strict=True)) for line in lines[2:]]
 
 
-def test_paper_md_copy_matches_the_shared_file():
-    shared = REPO.parent / "shared" / "paper.md"
-    if not shared.is_file():
-        pytest.skip("../shared/paper.md is not beside this checkout")
-    text = shared.read_text()
-    for block in PAPER_MD.strip().split("\n\n"):
-        assert block in text
+def test_docs_paper_md_holds_the_tables_verbatim():
+    """docs/paper.md transcribes exactly the six tables of PAPER_MD, line for line, and parses
+    to the same cells."""
+    text = DOCS_PAPER.read_text()
+    blocks = table_blocks(PAPER_MD)
+    assert len(blocks) == 6 and PAPER_MD.strip() == "\n\n".join(blocks)
+    assert table_blocks(text) == blocks
+    assert paper_md_tables(text) == paper_md_tables(PAPER_MD)
 
 
 def test_published_tables_render_exactly_as_printed(tmp_path):
     """Every published cell of Tables 1-3 and 5-7, as rendered (Markdown and CSV) from
-    results/paper/ with no results of ours, equals paper.md's cell as printed."""
-    expected = paper_md_tables()
+    results/paper/ with no results of ours, equals docs/paper.md's cell as printed."""
+    expected = paper_md_tables(DOCS_PAPER.read_text())
     assert sorted(expected) == sorted(TABLES)
     for table, rows in expected.items():
         paths = write_table(table, tmp_path / "no-results", PAPER, tmp_path / "tables")
@@ -205,7 +223,7 @@ def _decimals(printed: str) -> int:
     return len(printed.split(".")[1]) if "." in printed else 0
 
 
-# Averages that do not equal the mean of their per-split rows: paper.md's consistency checks say
+# Averages that do not equal the mean of their per-split rows: docs/paper.md's consistency notes say
 # Table 6's Noisy Nodes rows average to 0.5099 eV / 4.51%, not Table 3's 0.4728 / 6.50%.
 EXCEPTIONS = {("table3", "Noisy Nodes", "energy_mae"), ("table3", "Noisy Nodes", "ewt")}
 
@@ -384,7 +402,7 @@ def _figure_csv(workdir: Path, name: str) -> pd.DataFrame:
 def test_table_rows_are_the_tiny_runs_metrics(regenerated):
     table = pd.read_csv(regenerated / "results/tables/table1.csv", dtype=str, keep_default_na=False)
     metrics = sources.read_metrics(regenerated / "results", "s2ef")
-    for (run, model), group in metrics[metrics["kind"] == "val"].groupby(["run", "model"]):
+    for (run, model), group in metrics[metrics["split_group"] == "val"].groupby(["run", "model"]):
         row = table[
             (table["Model"] == f"tiny/{run} ({model})") & table["Source"].str.contains("val")
         ]
@@ -416,11 +434,11 @@ def test_mae_vs_params_csv_is_table1_and_the_metrics(regenerated):
     assert published["forces_mae"].tolist() == paper["forces_mae"].astype(float).tolist()
     metrics = sources.read_metrics(regenerated / "results", "s2ef")
     ours = data[data["source"].str.startswith("ours")]
-    assert len(ours) == metrics.groupby(["run", "kind"])["forces_mae"].count().gt(0).sum()
+    assert len(ours) == metrics.groupby(["run", "split_group"])["forces_mae"].count().gt(0).sum()
     for row in ours.itertuples():
         run, model = re.match(r"tiny/(\w+) \(([\w-]+)\)", row.label).groups()
-        kind = row.source.split(" ")[1].strip("(,")
-        chosen = metrics[(metrics["run"] == run) & (metrics["kind"] == kind)]
+        split_group = row.source.split(" ")[1].strip("(,")
+        chosen = metrics[(metrics["run"] == run) & (metrics["split_group"] == split_group)]
         assert row.forces_mae == pytest.approx(chosen["forces_mae"].dropna().mean(), rel=1e-12)
         assert row.parameters == sources.parameter_count(model)
 

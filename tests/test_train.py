@@ -1,5 +1,5 @@
-"""Training with real processes: `python -m graphpar.train` and `torchrun` (gloo on 127.0.0.1)
-on the tiny workflow's preprocessed data.
+"""Training with real processes: `python -m graphpar.training.train` and `torchrun` (gloo on
+127.0.0.1) on the tiny workflow's preprocessed data.
 
 Graph x data parallel runs end with the serial run's weights; a run killed by a real signal
 resumes to exactly the weights of an uninterrupted run (also under torchrun --max-restarts);
@@ -24,7 +24,8 @@ from conftest import tool_env
 
 from graphpar.data.dataset import BalancedBatchSampler
 from graphpar.data.lmdb import ShardedLmdb, ShardWriter, write_metadata
-from graphpar.train import TrainingError, load_config, read_checkpoint
+from graphpar.training.checkpoint import read_checkpoint
+from graphpar.training.config import TrainingError, load_config
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -55,12 +56,12 @@ def run_config(data, model="dimenetpp-tiny", **overrides) -> dict:
 
 
 def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subprocess.Popen:
-    """`python -m graphpar.train` (1 process) or torchrun (several), logs in out.parent."""
+    """`python -m graphpar.training.train` (1 process) or torchrun (several), logs in out.parent."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
     if processes == 1 and not torchrun_args:
-        command = [sys.executable, "-m", "graphpar.train"]
+        command = [sys.executable, "-m", "graphpar.training.train"]
     else:
         command = [
             sys.executable,
@@ -70,7 +71,7 @@ def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subproces
             f"--nproc_per_node={processes}",
             *torchrun_args,
             "-m",
-            "graphpar.train",
+            "graphpar.training.train",
         ]
     env = dict(tool_env(), GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
     log = open(out.parent / f"{out.name}.log", "a")  # noqa: SIM115 (closed with the process)
@@ -266,6 +267,9 @@ def test_impossible_configs_fail_before_any_work(data, tmp_path):
         "preprocessed with cutoff 6.0 A but the model uses 5.0 A": dict(
             base, model_args={"cutoff": 5.0}
         ),
+        "unknown model_args hidden_size for model dimenetpp-tiny": dict(
+            base, model_args={"hidden_size": 8}
+        ),
     }
     for number, (message, config) in enumerate(cases.items()):
         out = tmp_path / f"case{number}"
@@ -279,7 +283,7 @@ def test_impossible_configs_fail_before_any_work(data, tmp_path):
 
 def test_cli_help():
     result = subprocess.run(
-        [sys.executable, "-m", "graphpar.train", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "graphpar.training.train", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "torchrun" in result.stdout
 
@@ -300,7 +304,7 @@ def test_fine_tuning_starts_from_a_checkpoint_with_exponential_decay(tiny_workfl
         "epochs": 2,
         "eval_every": 100,
         "optimizer": {"lr": 1e-12},
-        "scheduler": {"kind": "exponential", "gamma": 0.5},
+        "scheduler": {"name": "exponential", "gamma": 0.5},
         "loss": {"energy_coefficient": 1, "force_coefficient": 0},
     }
     tuned = train(config, tmp_path / "ft")
@@ -315,9 +319,74 @@ def test_fine_tuning_starts_from_a_checkpoint_with_exponential_decay(tiny_workfl
 
 
 def test_datasets_concatenate(data):
-    from graphpar.train import open_datasets
+    from graphpar.training.data import open_datasets
 
     config = load_config(run_config(data, train=[data["train"], data["val"]]))
     dataset, sizes, parts = open_datasets(config, "dimenetpp")
     assert len(dataset) == len(parts[0]) + len(parts[1]) == len(sizes)
     assert int(dataset[len(parts[0])].sid) == int(parts[1][0].sid)
+
+
+def test_model_arguments_table_matches_the_constructors():
+    """The torch-free config check of `model_args` reads a static table: it names every
+    registered model and exactly its constructor's arguments."""
+    import inspect
+
+    from graphpar.models import MODELS
+    from graphpar.training.config import MODEL_ARGUMENTS
+
+    assert set(MODEL_ARGUMENTS) == set(MODELS)
+    for name, (factory, defaults) in MODELS.items():
+        arguments = set(inspect.signature(factory).parameters)
+        assert MODEL_ARGUMENTS[name] == arguments, name
+        assert set(defaults) <= arguments, name
+
+
+def test_config_module_does_not_import_torch():
+    """Snakemake validates run configs when it parses the workflow: that must not load torch."""
+    code = (
+        "import sys, graphpar.training.config; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torch_geometric'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_scaling_measures_the_trainers_step(data, tmp_path):
+    """`python -m graphpar.scaling` runs the trainer's step: the same losses, step by step, and
+    the same optimiser (AdamW with amsgrad) and EMA state bytes as `python -m
+    graphpar.training.train` on the same config and data."""
+    config = run_config(
+        data,
+        "gemnet-tiny",
+        batch_size=2,
+        val=None,
+        normalization={"energy_mean": 0.0, "energy_std": 1.0},  # as the scaling study's
+    )
+    trained = train(config, tmp_path / "train")
+    lines = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+
+    out = tmp_path / "scaling.json"
+    command = [sys.executable, "-m", "graphpar.scaling", "--config-json", json.dumps(config)]
+    command += ["--out", str(out), "--warmup", "2", "--steps", "2"]
+    env = dict(tool_env(), OMP_NUM_THREADS="1")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    provenance = json.loads(out.read_text())["provenance"]
+
+    def tensor_bytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(tensor_bytes(v) for v in value.values())
+        if isinstance(value, list | tuple):
+            return sum(tensor_bytes(v) for v in value)
+        return 0
+
+    assert len(losses) == 4 and provenance["losses"] == pytest.approx(losses, rel=1e-12)
+    optimizer_bytes = tensor_bytes(trained["optimizer"]["state"])
+    weight_bytes = tensor_bytes(list(trained["ema"]["shadow"]))
+    assert optimizer_bytes >= 3 * weight_bytes  # exp_avg, exp_avg_sq and amsgrad's max
+    assert provenance["optimizer_state_bytes"] == optimizer_bytes
+    assert provenance["ema_state_bytes"] == weight_bytes

@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO, copy_test_workdir, run_snakemake
 
 from graphpar.data.dataset import LmdbDataset, collate
-from graphpar.train import load_trained, read_checkpoint
+from graphpar.training.checkpoint import load_trained, read_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
 

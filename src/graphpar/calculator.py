@@ -47,7 +47,7 @@ def graph_settings(graph: Mapping | None, model: torch.nn.Module) -> tuple[float
 
 
 def _model_cutoff(model: torch.nn.Module) -> float:
-    inner = getattr(model, "model", model)  # graphpar.train.Normalized wraps the network
+    inner = getattr(model, "model", model)  # training.normalization.Normalized wraps the network
     cutoff = getattr(inner, "cutoff", None)
     if cutoff is None:
         raise ValueError("the model has no cutoff: pass cutoff explicitly")
@@ -59,8 +59,9 @@ class GraphparCalculator(Calculator):
     (eV/A, raw: ASE applies constraints).
 
     `GraphparCalculator(checkpoint, device)` loads a checkpoint (its EMA weights if any) with
-    `graphpar.train.load_trained`; `GraphparCalculator.from_model(model, cutoff, max_neighbors)`
-    wraps a model already in memory (`model(batch) -> {"energy", "forces"}` in eV, eV/A).
+    `graphpar.training.checkpoint.load_trained`;
+    `GraphparCalculator.from_model(model, cutoff, max_neighbors)` wraps a model already in
+    memory (`model(batch) -> {"energy", "forces"}` in eV, eV/A).
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -68,7 +69,7 @@ class GraphparCalculator(Calculator):
     def __init__(
         self, checkpoint: str | os.PathLike, device: str | torch.device = "cpu", **kwargs: Any
     ):
-        from graphpar.train import read_checkpoint, trained_model
+        from graphpar.training.checkpoint import read_checkpoint, trained_model
 
         state = read_checkpoint(Path(checkpoint))
         model = trained_model(state, device)
@@ -114,7 +115,7 @@ class GraphparCalculator(Calculator):
         """One model call on `atoms`; stores energy, free_energy and forces."""
         super().calculate(atoms, properties or ["energy"], system_changes)
         atoms = self.atoms
-        # Triplets are left to the model, which builds the kind it needs.
+        # Triplets are left to the model, which builds the family it needs.
         sample = atoms_to_sample(atoms, self.cutoff, self.max_neighbors, triplets=False)
         batch = collate([sample]).to(self.device)
         # The graph comes from float32 positions (as preprocessing); the model sees exact ones.

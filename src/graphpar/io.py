@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -82,6 +84,12 @@ def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented, key-sorted JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_npz(path: str | os.PathLike, **arrays) -> None:
+    """`np.savez_compressed(path, **arrays)`, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
 
 
 def open_text_or_xz(path: str | os.PathLike, mode: str = "rt"):

@@ -1,8 +1,8 @@
 """OC20 evaluation metrics (S2EF, IS2RS, IS2RE), as OC20's evaluator defines them.
 
-Definitions follow fairchem `ocpmodels/modules/evaluator.py` (paper.md section 5.2). System i has
-n_i evaluated atoms; forces and positions are evaluated on **free** atoms only (`~fixed`, as
-fairchem's `eval_on_free_atoms: True` and its relaxation output do).
+Definitions follow fairchem `ocpmodels/modules/evaluator.py` (docs/paper.md, Metric definitions).
+System i has n_i evaluated atoms; forces and positions are evaluated on **free** atoms only
+(`~fixed`, as fairchem's `eval_on_free_atoms: True` and its relaxation output do).
 
 - energy_mae: mean_i |dE_i| (eV); forces_mae: mean over free atoms and 3 components of |dF| (eV/A).
 - forces_cos: mean over free atoms of `torch.cosine_similarity(F_pred_a, F_true_a)` (eps 1e-8).
@@ -18,12 +18,12 @@ fairchem's `eval_on_free_atoms: True` and its relaxation output do).
 
 All computations are numpy float64 (float32 inputs are widened first, so a float32 0.02 counts as
 just below 0.02); inputs may be torch tensors or numpy arrays. Results are
-plain Python floats/ints. For sums over ranks, accumulate `MetricSums` and `all_reduce_sums`.
+plain Python floats/ints. `MetricSums` accumulates them batch by batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,6 @@ __all__ = [
     "EFWT_FORCE_THRESHOLD",
     "FBT_THRESHOLD",
     "MetricSums",
-    "all_reduce_sums",
     "dwt_curve",
     "fbt_curve",
     "is2re_metrics",
@@ -154,7 +153,7 @@ def max_force_norms(forces: Any, natoms: Any, fixed: Any = None) -> np.ndarray:
 
 @dataclass
 class MetricSums:
-    """Additive sums of the metrics; `merge` sums of disjoint sets of systems, then `result`.
+    """Additive sums of the metrics: `update_*` with each batch of systems, then `result`.
 
     Scalars add; per-system IS2RS values (mean distances, oracle max forces) concatenate.
     """
@@ -169,17 +168,6 @@ class MetricSums:
     n_free_atoms: int = 0
     distances: list[float] = field(default_factory=list)  # IS2RS d_i per system
     max_forces: list[float] = field(default_factory=list)  # IS2RS oracle max force per system
-
-    _SCALARS = (
-        "n_energy",
-        "energy_abs",
-        "energy_within",
-        "efwt_within",
-        "force_abs",
-        "force_numel",
-        "cos_sum",
-        "n_free_atoms",
-    )
 
     def _update_energy(self, pred_energy: Any, true_energy: Any) -> np.ndarray:
         pred, true = _np(pred_energy).reshape(-1), _np(true_energy).reshape(-1)
@@ -272,15 +260,6 @@ class MetricSums:
             self.max_forces.extend(float(v) for v in oracle)
         return self
 
-    def merge(self, other: MetricSums) -> MetricSums:
-        """Sums of both (a new object); the per-system lists are concatenated."""
-        out = MetricSums()
-        for name in self._SCALARS:
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        out.distances = self.distances + other.distances
-        out.max_forces = self.max_forces + other.max_forces
-        return out
-
     def result(self, task: str) -> dict[str, float | int | None]:
         """The dict of `s2ef_metrics`, `is2rs_metrics` or `is2re_metrics` for `task`."""
         if task == "s2ef":
@@ -315,35 +294,6 @@ class MetricSums:
             out["n_systems"] = len(self.distances)
             return out
         raise ValueError(f"task must be s2ef, is2rs or is2re, got {task!r}")
-
-
-def all_reduce_sums(sums: MetricSums, group: Any = None) -> MetricSums:
-    """Sum `sums` over the ranks of `group` (torch.distributed); a copy when not initialised.
-
-    Each system must be counted on exactly one rank of `group`: with graph parallelism, update
-    on graph-parallel rank 0 only and pass empty sums from the other ranks of its group.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return MetricSums().merge(sums)
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    scalars = MetricSums._SCALARS
-    packed = torch.tensor([float(getattr(sums, k)) for k in scalars], dtype=torch.float64)
-    packed = packed.to(device)
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    lists: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(lists, (sums.distances, sums.max_forces), group=group)
-    out = MetricSums()
-    ints = {f.name for f in fields(MetricSums) if f.type in ("int", int)}
-    for name, value in zip(scalars, packed.cpu().tolist(), strict=True):
-        setattr(out, name, round(value) if name in ints else value)
-    for distances, max_forces in lists:
-        out.distances.extend(distances)
-        out.max_forces.extend(max_forces)
-    return out
 
 
 def s2ef_metrics(

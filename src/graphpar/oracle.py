@@ -1,4 +1,4 @@
-"""Reference ("oracle") single points for FbT/AFbT (paper.md section 5.2).
+"""Reference ("oracle") single points for FbT/AFbT (docs/paper.md, Metric definitions).
 
     result = oracle_max_forces(ml_relaxed_structures, spec="emt")
     fbt_afbt(result)  # {"fbt": ..., "afbt": ..., "fbt_reason": None}

@@ -19,7 +19,7 @@ Inputs, recognised by their contents:
 
 Triplet indices are stored when `--store-triplets always`, or `auto` and their estimated size is
 within `--triplet-budget-gb`; otherwise only their counts are, and DataLoader workers build them
-from the stored edges (design.md section 2).
+from the stored edges (docs/architecture.md section 4).
 """
 
 from __future__ import annotations
@@ -40,8 +40,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from graphpar.data.dataset import TRIPLET_FIELDS
-from graphpar.data.graph import atoms_to_sample, triplet_counts
+from graphpar.data.graph import TRIPLET_FIELDS, atoms_to_sample, triplet_counts
 from graphpar.data.lmdb import (
     LmdbFormatError,
     ShardWriter,
@@ -200,21 +199,24 @@ def pyg_to_atoms(attributes: dict):
 
 
 def plan(source: Path, workers: int) -> tuple[str, list[list], int]:
-    """(input kind, work items per worker, total samples) for `source`."""
+    """(input format: "s2ef" or "lmdb", work items per worker, total samples) for `source`."""
     if source.is_dir() and any(
         p.name.endswith((".extxyz", ".extxyz.xz")) for p in source.iterdir()
     ):
         pairs = s2ef_file_pairs(source)
         total = sum(count_lines(txt) for _, txt in pairs)
         workers = max(1, min(workers, len(pairs)))
-        # Whole files per worker, dealt round-robin: OC20's files hold ~5000 frames each.
-        return "s2ef", [pairs[w::workers] for w in range(workers)], total
+        # Whole files per worker (OC20's hold ~5000 frames each), in consecutive runs: the
+        # shards, read in order, hold the frames in file order whatever the number of workers,
+        # so a machine with more cores builds the same dataset, sample for sample.
+        bounds = np.linspace(0, len(pairs), workers + 1).astype(int)
+        return "s2ef", [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)], total
     if source.suffix == ".lmdb" or (source.is_dir() and any(source.glob("*.lmdb"))):
         total = pyg_lmdb_length(source)
         workers = max(1, min(workers, total))
         bounds = np.linspace(0, total, workers + 1).astype(int)
         return (
-            "pyg",
+            "lmdb",
             [[(source, int(a), int(b))] for a, b in zip(bounds[:-1], bounds[1:], strict=True)],
             total,
         )
@@ -223,10 +225,10 @@ def plan(source: Path, workers: int) -> tuple[str, list[list], int]:
     )
 
 
-def read_items(kind: str, items: list) -> Iterator[tuple[object, dict]]:
+def read_items(input_format: str, items: list) -> Iterator[tuple[object, dict]]:
     """(ase.Atoms, labels) for every structure of a worker's items."""
     for item in items:
-        if kind == "s2ef":
+        if input_format == "s2ef":
             yield from read_s2ef_pair(*item)
         else:
             path, start, stop = item
@@ -234,13 +236,15 @@ def read_items(kind: str, items: list) -> Iterator[tuple[object, dict]]:
                 yield pyg_to_atoms(attributes)
 
 
-def _worker(rank: int, kind: str, items: list, shard: Path, options: Options, messages) -> None:
+def _worker(
+    rank: int, input_format: str, items: list, shard: Path, options: Options, messages
+) -> None:
     """Process one worker's items into one shard; report progress and per-sample sizes."""
     torch.set_num_threads(1)  # one process per core
     try:
         rows = {name: [] for name in METADATA_ARRAYS}
         with ShardWriter(shard) as writer:
-            for atoms, labels in read_items(kind, items):
+            for atoms, labels in read_items(input_format, items):
                 fields, row = build_sample(atoms, labels, options)
                 writer.append(fields)
                 for name, value in row.items():
@@ -263,7 +267,7 @@ class Inline:
         self.receive(*message)
 
 
-def _run_workers(kind: str, work: list[list], tmp: Path, options: Options, receive) -> None:
+def _run_workers(input_format: str, work: list[list], tmp: Path, options: Options, receive) -> None:
     """One process per work list, each writing its own shard; relays their messages."""
     # fork, like torch's DataLoader workers: a spawned worker spends seconds importing torch.
     context = multiprocessing.get_context("fork")
@@ -271,7 +275,7 @@ def _run_workers(kind: str, work: list[list], tmp: Path, options: Options, recei
     processes = [
         context.Process(
             target=_worker,
-            args=(rank, kind, items, tmp / shard_name(rank), options, messages),
+            args=(rank, input_format, items, tmp / shard_name(rank), options, messages),
             daemon=True,
         )
         for rank, items in enumerate(work)
@@ -291,9 +295,9 @@ def _run_workers(kind: str, work: list[list], tmp: Path, options: Options, recei
             process.join()
 
 
-def triplet_bytes(kind: str, items: list[list], options: Options) -> int:
+def triplet_bytes(input_format: str, items: list[list], options: Options) -> int:
     """Stored size of the triplet fields of the first structure (for the `auto` budget)."""
-    for atoms, labels in read_items(kind, items[0]):
+    for atoms, labels in read_items(input_format, items[0]):
         fields, _ = build_sample(atoms, labels, options)
         return sum(fields[name].nbytes for names in TRIPLET_FIELDS.values() for name in names)
     return 0
@@ -325,9 +329,9 @@ def preprocess(
         )
     options = Options(cutoff, max_neighbors, ref_energy, store_triplets != "never")
     try:
-        kind, work, total = plan(source, workers)
+        input_format, work, total = plan(source, workers)
         if store_triplets == "auto" and total:
-            estimate = total * triplet_bytes(kind, work, options)
+            estimate = total * triplet_bytes(input_format, work, options)
             fits = estimate <= triplet_budget_gb * 2**30
             options = Options(cutoff, max_neighbors, ref_energy, fits)
     except INPUT_ERRORS as error:
@@ -353,16 +357,16 @@ def preprocess(
     with atomic_directory(out) as tmp, bar:
         if len(work) == 1:
             # One worker: run it here, no process to start.
-            _worker(0, kind, work[0], tmp / shard_name(0), options, Inline(receive))
+            _worker(0, input_format, work[0], tmp / shard_name(0), options, Inline(receive))
         else:
-            _run_workers(kind, work, tmp, options, receive)
+            _run_workers(input_format, work, tmp, options, receive)
         arrays = {
             name: np.concatenate([results[rank][name] for rank in range(len(work))])
             for name in METADATA_ARRAYS
         }
         info = {
             "source": str(source),
-            "kind": "s2ef" if kind == "s2ef" else "lmdb",
+            "input_format": input_format,
             "cutoff": cutoff,
             "max_neighbors": max_neighbors,
             "ref_energy": ref_energy,

@@ -1,4 +1,28 @@
-"""Batched L-BFGS structure relaxation with a graphpar model (or any `model(batch)` callable).
+"""ML relaxations (IS2RS/IS2RE): batched L-BFGS with a trained checkpoint over a preprocessed
+IS2RE split, with IS2RS (ADwT, FbT and AFbT from an oracle calculator) and IS2RE (energy MAE,
+EwT) metrics, plus per-system predictions in OC20's submission layout.
+
+    python -m graphpar.relax \\
+        --checkpoint results/mini/checkpoints/gemnet/final.pt \\
+        --data resources/mini/lmdb/is2re/val_id --split val_id \\
+        --out-dir results/mini/relaxations/gemnet/val_id \\
+        --metrics-dir results/mini/metrics/gemnet --predictions-dir results/mini/predictions/gemnet
+
+Relaxations (batched L-BFGS, maxstep 0.04, memory 50, damping 1, alpha 70, fmax 0.05, at most
+200 steps, graphs rebuilt every step as the model was trained) write `<out-dir>/<sid>.extxyz`
+per system and resume, skipping systems already relaxed. The metrics files are
+`is2rs_<split>.json` (adwt, fbt, afbt, n_systems) and `is2re_<split>.json` (energy_mae, ewt,
+n_systems), with provenance (checkpoint sha256, its config hash, the dataset's metadata hash, git
+commit, package versions); the predictions `is2rs_<split>.npz` (ids, free-atom pos, chunk_idx;
+per system `distance` to the relaxed label in A and `oracle_max_force` in eV/A, NaN where
+unknown) and `is2re_<split>.npz` (ids, energy, energy_target).
+
+Relaxations run under torchrun too: G x D processes, each system batch split over G
+graph-parallel ranks and the systems shared by the D data-parallel groups:
+
+    torchrun --standalone --nproc_per_node=4 -m graphpar.relax --gp-size 2 ...
+
+As a library, with a graphpar model (or any `model(batch)` callable):
 
     result = relax_batch(model, batch, fmax=0.05, steps=200)
     result.pos[i], result.energy[i], result.forces[i], result.steps[i], result.converged[i]
@@ -14,19 +38,31 @@ other systems of its batch.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import datetime
 import os
-from collections.abc import Callable, Iterable
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from tqdm import tqdm
 
-from graphpar.data.dataset import TRIPLET_FIELDS
-from graphpar.data.graph import radius_graph_batch
-from graphpar.io import atomic_path
+from graphpar.calculator import graph_settings
+from graphpar.data.dataset import LmdbDataset, collate
+from graphpar.data.graph import TRIPLET_FIELDS, radius_graph_batch
+from graphpar.io import atomic_path, write_json, write_npz
+from graphpar.metrics import MetricSums, is2re_metrics
+from graphpar.oracle import fbt_afbt, oracle_max_forces
+from graphpar.parallel import get_dims, is_main, join_processes, leave_processes
+from graphpar.provenance import checkpoint_provenance
+from graphpar.training.checkpoint import read_checkpoint, trained_model
+from graphpar.training.config import TrainingError
 
 # Batch fields derived from the graph; stale once atoms move (the models rebuild them if absent).
 TRIPLET_KEYS = tuple(key for keys in TRIPLET_FIELDS.values() for key in keys)
@@ -88,8 +124,6 @@ def _systems(batch, keep: Tensor):
     """The systems of `batch` where `keep` [B] is true, as a new batch (all of it if all)."""
     if bool(keep.all()):
         return batch
-    from graphpar.data.dataset import collate
-
     return collate([batch.get_example(i) for i in keep.nonzero().flatten().tolist()])
 
 
@@ -264,48 +298,6 @@ def relax_batch(
         return result
 
 
-class CalculatorModel(torch.nn.Module):
-    """An ASE calculator as a graphpar "model": `model(batch) -> {"energy", "forces"}`.
-
-    Each call builds one `ase.Atoms` per system (numbers, positions, cell, pbc), attaches a fresh
-    calculator from `calculator_factory()` and returns energies [B] and unconstrained forces
-    [N,3] in the dtype/device of `batch.pos`. The graph of the batch is ignored.
-    """
-
-    def __init__(self, calculator_factory: Callable[[], object]):
-        super().__init__()
-        self.calculator_factory = calculator_factory
-
-    def forward(self, batch) -> dict[str, Tensor]:
-        from ase import Atoms
-
-        pos = batch.pos.detach().cpu().double().numpy()
-        numbers = batch.atomic_numbers.detach().cpu().long().numpy()
-        cell = batch.cell.detach().cpu().double().reshape(-1, 3, 3).numpy()
-        pbc = batch.pbc.detach().cpu().bool().reshape(-1, 3).numpy()
-        natoms = batch.natoms.detach().cpu().reshape(-1).long().tolist()
-        energies, forces = [], []
-        start = 0
-        for i, n in enumerate(natoms):
-            atoms = Atoms(
-                numbers=numbers[start : start + n],
-                positions=pos[start : start + n],
-                cell=cell[i],
-                pbc=pbc[i],
-            )
-            atoms.calc = self.calculator_factory()
-            energies.append(atoms.get_potential_energy())
-            forces.append(atoms.get_forces(apply_constraint=False))
-            start += n
-        like = batch.pos
-        return {
-            "energy": torch.as_tensor(np.array(energies), dtype=like.dtype, device=like.device),
-            "forces": torch.as_tensor(
-                np.concatenate(forces).reshape(-1, 3), dtype=like.dtype, device=like.device
-            ),
-        }
-
-
 # ----------------------------------------------------------------------------------------------
 # Datasets of samples -> relaxed extxyz files
 # ----------------------------------------------------------------------------------------------
@@ -384,10 +376,6 @@ def relax_dataset(
     all but one rank of a graph-parallel group: they relax the same batches (every rank takes
     part in the model's collectives) and hold the same results.
     """
-    from tqdm import tqdm
-
-    from graphpar.data.dataset import collate
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     relax_options = {"trajectory": save_trajectory, **relax_options}
@@ -462,3 +450,197 @@ def read_relaxed(samples: Iterable, out_dir: str | os.PathLike) -> list[dict]:
             raise FileNotFoundError(f"{path}: no relaxed structure (did a rank fail?)")
         summaries.append(_summary(path))
     return summaries
+
+
+# ----------------------------------------------------------------------------------------------
+# The relaxation job: a checkpoint relaxes a split -> IS2RS/IS2RE metrics and predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def relaxation_metrics(samples: list, relaxed: list, energy: np.ndarray, oracle: str) -> dict:
+    """IS2RS and IS2RE metrics of ML-relaxed structures (`relaxed`: ase.Atoms in the order of
+    `samples`, `energy`: their predicted energies): {"is2rs", "is2re", "per_system"}, metrics
+    null with the reason where labels or an oracle are missing. `per_system` holds each
+    system's mean free-atom distance to the relaxed label (A) and oracle max force (eV/A), NaN
+    where not computable, for the DwT and FbT curves."""
+    nan = np.full(len(samples), np.nan)
+    per_system = {"distance": nan, "oracle_max_force": nan.copy()}
+    labelled = bool(samples) and "pos_relaxed" in samples[0] and "energy_relaxed" in samples[0]
+    if not labelled:
+        reason = (
+            "the split has no systems"
+            if not samples
+            else ("the split has no relaxed labels (hidden test labels)")
+        )
+        is2rs = {"adwt": None, "fbt": None, "afbt": None, "n_systems": len(samples)}
+        is2re = {"energy_mae": None, "ewt": None, "n_systems": len(samples)}
+        is2rs["reason"] = is2re["reason"] = reason
+        return {"is2rs": is2rs, "is2re": is2re, "per_system": per_system}
+    oracle_result = oracle_max_forces(relaxed, oracle)
+    found = fbt_afbt(oracle_result)
+    sums = MetricSums().update_is2rs(
+        np.concatenate([atoms.positions for atoms in relaxed]),
+        torch.cat([sample.pos_relaxed for sample in samples]),
+        torch.stack([sample.cell.reshape(3, 3) for sample in samples]),
+        torch.stack([sample.pbc.reshape(3) for sample in samples]),
+        torch.stack([sample.natoms.reshape(()) for sample in samples]),
+        torch.cat([sample.fixed.bool() for sample in samples]),
+        oracle_max_force=oracle_result.max_forces,
+    )
+    is2rs = {**sums.result("is2rs"), "fbt": found["fbt"], "afbt": found["afbt"]}
+    if found["fbt_reason"]:
+        is2rs["fbt_reason"] = found["fbt_reason"]
+    per_system["distance"] = np.array(sums.distances)
+    if oracle_result.max_forces is not None:
+        per_system["oracle_max_force"] = np.asarray(oracle_result.max_forces, dtype=np.float64)
+    target = torch.stack([sample.energy_relaxed.reshape(()) for sample in samples])
+    is2re = is2re_metrics(energy, target)
+    per_system["energy_target"] = target.double().numpy()
+    return {"is2rs": is2rs, "is2re": is2re, "per_system": per_system}
+
+
+def evaluate_relaxations(
+    checkpoint: Path,
+    data: Path,
+    split: str,
+    out_dir: Path,
+    metrics_dir: Path,
+    predictions_dir: Path,
+    oracle: str = "emt",
+    batch_size: int = 8,
+    fmax: float = 0.05,
+    steps: int = 200,
+    device: str = "auto",
+    gp_size: int | None = None,
+) -> dict | None:
+    """Relax every system of an IS2RE/IS2RS split with the model; IS2RS and IS2RE metrics
+    (null with the reason where labels or an oracle are missing) and predictions.
+
+    Under torchrun with W = G x D processes (`gp_size` = G, default W): each of the D
+    data-parallel groups relaxes every D-th system with the model split over its G ranks;
+    rank 0 then reads all relaxed structures back and writes the metrics. Returns the metrics
+    on rank 0, None on the other ranks.
+    """
+    from ase.io import read
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank_device = join_processes(gp_size or world_size, device)
+    dims = get_dims()
+    if dims.world_size > 1:
+        # Data-parallel ranks finish their shares hours apart on big splits: wait for them on
+        # a group whose timeout is not the graph-parallel collectives' (short, to catch hangs).
+        finished = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    state = read_checkpoint(checkpoint)
+    model = trained_model(state, rank_device)
+    cutoff, max_neighbors = graph_settings(state.get("graph"), model)
+    dataset = LmdbDataset(data)
+    samples = [dataset[i] for i in range(len(dataset))]
+    if is_main():
+        print(f"relax {split}: {len(samples)} systems, G x D = {dims.gp_size} x {dims.dp_size}")
+    relax_dataset(
+        model,
+        samples[dims.dp_rank :: dims.dp_size],
+        out_dir,
+        batch_size=batch_size,
+        fmax=fmax,
+        steps=steps,
+        cutoff=cutoff,
+        max_neighbors=max_neighbors,
+        progress=is_main(),
+        write=dims.gp_rank == 0,
+    )
+    if dims.world_size > 1:
+        dist.barrier(group=finished)
+    if dims.rank != 0:
+        return None
+
+    summaries = read_relaxed(samples, out_dir)
+    relaxed = [read(summary["path"]) for summary in summaries]
+    ids = [str(summary["sid"]) for summary in summaries]
+    energy = np.array([summary["energy"] for summary in summaries])
+    free = [~sample.fixed.bool().numpy() for sample in samples]
+    pos = [atoms.positions[mask] for atoms, mask in zip(relaxed, free, strict=True)]
+    found = relaxation_metrics(samples, relaxed, energy, oracle)
+    extra = {
+        "oracle": oracle,
+        "relaxed_converged": sum(bool(summary["converged"]) for summary in summaries),
+        "provenance": checkpoint_provenance(checkpoint, state, data),
+    }
+    is2rs = {"task": "is2rs", "split": split, **found["is2rs"], **extra}
+    is2re = {"task": "is2re", "split": split, **found["is2re"], **extra}
+    write_json(metrics_dir / f"is2rs_{split}.json", is2rs)
+    write_json(metrics_dir / f"is2re_{split}.json", is2re)
+    # OC20's submission keys (ids, pos + chunk_idx, energy), plus per-system values for plots.
+    per_system = found["per_system"]
+    write_npz(
+        predictions_dir / f"is2rs_{split}.npz",
+        ids=np.array(ids, dtype=str),
+        pos=np.concatenate(pos) if pos else np.zeros((0, 3)),
+        chunk_idx=np.cumsum([len(p) for p in pos])[:-1],
+        distance=per_system["distance"],
+        oracle_max_force=per_system["oracle_max_force"],
+    )
+    energy_target = per_system.get("energy_target", np.full(len(samples), np.nan))
+    write_npz(
+        predictions_dir / f"is2re_{split}.npz",
+        ids=np.array(ids, dtype=str),
+        energy=energy,
+        energy_target=energy_target,
+    )
+    return {"is2rs": is2rs, "is2re": is2re}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m graphpar.relax",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a final.pt of a run")
+    parser.add_argument("--data", type=Path, required=True, help="preprocessed IS2RE split folder")
+    parser.add_argument("--split", required=True, help="split name recorded in the metrics")
+    parser.add_argument("--out-dir", type=Path, required=True, help="relaxed structures (resumed)")
+    parser.add_argument("--metrics-dir", type=Path, required=True)
+    parser.add_argument("--predictions-dir", type=Path, required=True)
+    parser.add_argument("--oracle", default="emt", help="'emt' or package.module:Calculator")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fmax", type=float, default=0.05, help="eV/A")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--gp-size",
+        type=int,
+        help="G under torchrun: graph-parallel ranks per system batch (default: all processes)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        found = evaluate_relaxations(
+            args.checkpoint,
+            args.data,
+            args.split,
+            args.out_dir,
+            args.metrics_dir,
+            args.predictions_dir,
+            args.oracle,
+            args.batch_size,
+            args.fmax,
+            args.steps,
+            args.device,
+            args.gp_size,
+        )
+    except (TrainingError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        leave_processes()
+    for metrics in [found["is2rs"], found["is2re"]] if found else []:
+        shown = {k: v for k, v in metrics.items() if k != "provenance"}
+        print(
+            " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -2,9 +2,11 @@
 peak memory per GPU (rank) and TFLOP/s per GPU of real training steps.
 
 A scaling run is a training config (src/graphpar/schemas/train.schema.yaml: model, gp_size,
-dp_size, batch_size, train, ...) run for `--warmup` + `--steps` optimiser steps with the trainer's
-own pieces (process groups, balanced sampler, loss, gradient synchronisation, AdamW); nothing is
-written but the result:
+dp_size, batch_size, train, ...; `--config` a YAML file or `--config-json` a JSON string, as
+for the trainer) run for `--warmup` + `--steps` optimiser steps of the trainer's own
+`graphpar.training.step.train_step` (loss, gradient synchronisation, clipping, AdamW with the
+config's settings, EMA when the config has `ema_decay`), so the peak memory includes the
+optimiser state and the EMA weights; nothing is written but the result:
 
     torchrun --standalone --nproc_per_node=8 -m graphpar.scaling --config-json '{...}' \\
         --out results/scaling/scaling/gemnet-960m-gp8.json
@@ -26,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
-import math
 import statistics
 import sys
 import time
@@ -41,27 +41,20 @@ import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphpar.data.dataset import collate
-from graphpar.evaluate import git_commit, package_versions
 from graphpar.io import write_json
-from graphpar.models import build_model, scale_shared_gradients
-from graphpar.parallel import get_dims, sync_gradients
-from graphpar.train import (
-    TrainingError,
-    batch_sampler,
-    build_normalized_model,
-    config_hash,
-    gather_world,
-    leave_processes,
-    load_config,
-    loss_terms,
-    open_datasets,
+from graphpar.parallel import gather_world, get_dims, is_main, leave_processes, setup_processes
+from graphpar.provenance import git_commit, package_versions, sha256_file
+from graphpar.training.config import TrainingError, config_hash, load_config
+from graphpar.training.data import batch_sampler, model_facts, open_datasets
+from graphpar.training.ema import EMA
+from graphpar.training.normalization import build_normalized_model
+from graphpar.training.step import (
+    DTYPES,
+    build_optimizer,
     peak_memory_mb,
-    setup_processes,
     to_device,
-    triplet_kind,
+    train_step,
 )
-
-PACKAGES = ("graphpar", "torch", "torch-geometric", "numpy")
 
 
 def _synchronize(device: torch.device) -> None:
@@ -77,16 +70,16 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     config = load_config(config)
     device = setup_processes(config)
     dims = get_dims()
-    dtype = torch.float64 if config["dtype"] == "float64" else torch.float32
+    dtype = DTYPES[config["dtype"]]
 
-    probe = build_model(config["model"], **config["model_args"])
-    dataset, sizes, parts = open_datasets(config, triplet_kind(probe))
-    del probe
+    family, _ = model_facts(config)
+    dataset, sizes, _ = open_datasets(config, family)
     # Throughput does not depend on the targets' scale: no pass over the data for statistics.
     model = build_normalized_model(config, {"energy_mean": 0.0, "energy_std": 1.0})
     model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["optimizer"]["lr"])
+    optimizer, _ = build_optimizer(model, config)
+    ema = EMA(model, config["ema_decay"]) if config["ema_decay"] is not None else None
     sampler = batch_sampler(config, sizes)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -97,21 +90,12 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     )
     batches = cycle(loader)  # a tiny dataset is reused; the sampler's order stays fixed
 
+    losses = []
+
     def step() -> None:
-        # The trainer's step (graphpar.train.train), without logging or checks.
+        # The trainer's step, data loading included (no learning-rate warmup: it changes no cost).
         batch = to_device(next(batches), device, dtype)
-        optimizer.zero_grad(set_to_none=True)
-        energy_term, force_term, _ = loss_terms(model(batch), batch, model, config)
-        loss = config["loss"]["energy_coefficient"] * energy_term
-        if force_term is not None:
-            loss = loss + config["loss"]["force_coefficient"] * force_term
-        (loss * dims.dp_size).backward()
-        sync_gradients(model)
-        if config["shared_gradient_scaling"]:
-            scale_shared_gradients(model.model)
-        clip = config["clip_grad_norm"]
-        torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
-        optimizer.step()
+        losses.append(float(train_step(model, batch, optimizer, config, ema).loss))
 
     for _ in range(warmup):
         step()
@@ -154,6 +138,10 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
             "step_seconds_median": step_s,
             "flops_per_step_per_rank": flops_per_rank,
             "peak_memory_mb_per_rank": memory,
+            # What the trainer keeps besides the weights (tests/test_train.py pins these).
+            "optimizer_state_bytes": _tensor_bytes(optimizer.state_dict()["state"]),
+            "ema_state_bytes": 0 if ema is None else _tensor_bytes(ema.shadow),
+            "losses": losses,
             "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one step per rank",
             "memory_measured_by": (
                 "torch.cuda.max_memory_allocated" if device.type == "cuda" else "ru_maxrss"
@@ -161,30 +149,47 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
             "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "datasets": [str(path.parent) for path in metadata],
             "dataset_metadata_sha256": [
-                hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-                for path in metadata
+                sha256_file(path) if path.is_file() else None for path in metadata
             ],
             "git_commit": git_commit(),
-            "versions": package_versions(PACKAGES),
+            "versions": package_versions(),
             "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         },
     }
 
 
+def _tensor_bytes(value) -> int:
+    """Bytes of the tensors in a nested structure of dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(item) for item in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_tensor_bytes(item) for item in value)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m graphpar.scaling", description=__doc__)
-    parser.add_argument("--config-json", required=True, help="the run's training config (JSON)")
+    parser = argparse.ArgumentParser(
+        prog="python -m graphpar.scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the run's training config (YAML file)")
+    source.add_argument("--config-json", help="the run's training config as one JSON string")
     # (No --run: torchrun would take it for an abbreviation of its own --run-path.)
     parser.add_argument("--out", required=True, type=Path, help="the result: <run>.json")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     args = parser.parse_args(argv)
     try:
-        result = measure(json.loads(args.config_json), args.out.stem, args.warmup, args.steps)
+        config = json.loads(args.config_json) if args.config_json else args.config
+        result = measure(config, args.out.stem, args.warmup, args.steps)
     except TrainingError as error:
         sys.exit(f"graphpar.scaling: {error}")
     try:
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if is_main():
             args.out.parent.mkdir(parents=True, exist_ok=True)
             write_json(args.out, result)
             print(json.dumps({k: v for k, v in result.items() if k != "provenance"}))

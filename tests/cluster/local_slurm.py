@@ -16,6 +16,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from debian_packages import Unavailable, ensure_packages
+
 # The plugin drops SLURM_CONF before `srun` inside a job, so the config must be at the default.
 CONF_DIR = Path("/etc/slurm")
 PACKAGES = ("slurm-wlm", "munge")
@@ -27,25 +29,6 @@ GPUS = 4
 # torch for ~10 s: two jobs at a time keep both cores busy while the other starts.
 CPU_OVERCOMMIT = 2
 DECLARED_MEMORY_MB = 256000  # a GPU node's memory, for the profile's train requests
-
-
-class Unavailable(RuntimeError):
-    """A prerequisite (root, apt, the packages) is missing: the reason says which."""
-
-
-def ensure_packages() -> None:
-    """Install slurm-wlm and munge with apt when a command is missing (needs root)."""
-    if all(shutil.which(c, path="/usr/sbin:/usr/bin:/sbin:/bin") for c in COMMANDS):
-        return
-    if os.geteuid() != 0:
-        raise Unavailable("slurm-wlm/munge are not installed and installing them needs root")
-    if shutil.which("apt-get") is None:
-        raise Unavailable("slurm-wlm/munge are not installed and apt-get is not available")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise Unavailable(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
 
 
 def memory_mb() -> int:
@@ -169,7 +152,7 @@ class LocalSlurm:
     def start(self) -> None:
         if os.geteuid() != 0:
             raise Unavailable("a local SLURM needs root (slurmd runs jobs as their user)")
-        ensure_packages()
+        ensure_packages(PACKAGES, COMMANDS)
         # (Zombies left by an earlier, killed run do not count.)
         running = subprocess.run(
             ["pgrep", "-x", "--runstates", "R,S,D,T", "slurmctld|slurmd"], capture_output=True

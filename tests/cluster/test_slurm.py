@@ -1,6 +1,6 @@
 """The workflow on a real SLURM (tests/cluster/local_slurm.py: munged, slurmctld, slurmd on
-127.0.0.1) through workflow/profiles/slurm plus the test node's site profile: every job is an
-sbatch job, training starts torchrun the way a cluster would, and a killed job resumes."""
+127.0.0.1) through workflow/profiles/slurm plus the test node's site profile: every rule's jobs
+are sbatch jobs, training starts torchrun the way a cluster would, and a killed job resumes."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from fnmatch import fnmatch
 from pathlib import Path
 
 import ase.io
@@ -22,10 +23,35 @@ import yaml
 from conftest import copy_test_workdir, tool_env
 
 from cluster.conftest import run_on_slurm, site_settings, slurm_snakemake, submissions
-from graphpar.train import read_checkpoint
+from graphpar.training.checkpoint import read_checkpoint
 
 # The fixtures' time counts too: the local tiny run, the SLURM daemons.
 pytestmark = pytest.mark.timeout(3600)
+
+# What the SLURM run builds of the tiny config: every rule and every launch shape once, not the
+# whole DAG (29 jobs, each starting Snakemake twice on its node): both trainings (gemnet on one
+# node, dimenetpp on two), the S2EF evaluation of the two-node checkpoint and one relaxation, on
+# the split that training validates on.
+SLURM_TARGETS = (
+    "results/tiny/checkpoints/gemnet/final.pt",
+    "results/tiny/checkpoints/dimenetpp/final.pt",
+    "results/tiny/metrics/dimenetpp/s2ef_val_id.json",
+    "results/tiny/metrics/gemnet/is2rs_val_id.json",
+)
+# The local run's files that the jobs of SLURM_TARGETS write (generate_mini writes every split).
+SLURM_OUTPUTS = (
+    "resources/mini/manifest.json",
+    "resources/mini/s2ef/*",
+    "resources/mini/is2re/*",
+    "resources/mini/lmdb/s2ef/train/*",
+    "resources/mini/lmdb/s2ef/val_id/*",
+    "resources/mini/lmdb/is2re/val_id/*",
+    "results/tiny/checkpoints/*",
+    "results/tiny/metrics/*/training.jsonl",
+    "results/tiny/*/dimenetpp/s2ef_val_id.*",
+    "results/tiny/*/gemnet/is2r[se]_val_id.*",
+    "results/tiny/relaxations/gemnet/val_id/*",
+)
 
 # Values that measure the machine, not the computation.
 MACHINE_KEYS = {"samples_per_s", "peak_memory_mb", "provenance", "seconds", "time", "elapsed"}
@@ -77,21 +103,24 @@ def assert_same(local, remote, where: str, rtol: float | None = 1e-5, atol: floa
         assert local == remote, where
 
 
-def assert_outputs_match(local: Path, remote: Path) -> None:
-    """The SLURM run's resources/ and results/ against the local run's: the same files; raw
-    data and LMDBs byte for byte; checkpoints, training curves, S2EF metrics and predictions
-    equal within float32 tolerance; logs and machine measurements (samples/s, memory) aside.
+def assert_outputs_match(local: Path, remote: Path, outputs: tuple[str, ...]) -> None:
+    """The SLURM run's resources/ and results/ against the local run's files that match
+    `outputs` (glob patterns): the same files; raw data and LMDBs byte for byte; checkpoints,
+    training curves, S2EF metrics and predictions equal within float32 tolerance; logs and
+    machine measurements (samples/s, memory) aside.
 
     Relaxations (IS2RS/IS2RE metrics, their predictions, relaxed structures) are compared in
     structure (same systems, keys, atoms, counts) but not in value: the tiny models barely
-    train, their 200-step L-BFGS relaxations do not converge and are chaotic, so weights that
-    differ in the last float32 bit (the multi-node launch runs one process per "node", which
+    train, their L-BFGS relaxations do not converge and are chaotic, so weights that differ in
+    the last float32 bit (the multi-node launch runs one process per "node", which
     torchrun leaves all CPU threads, where the local run has one each) end elsewhere."""
+    everything = set()
     for top in ("resources", "results"):
         files = {p.relative_to(local) for p in (local / top).rglob("*") if p.is_file()}
+        files = {p for p in files if any(fnmatch(str(p), pattern) for pattern in outputs)}
         remote_files = {p.relative_to(remote) for p in (remote / top).rglob("*") if p.is_file()}
-        assert files == remote_files, top
-    everything = [p.relative_to(local) for p in local.glob("re*/**/*") if p.is_file()]
+        assert files == remote_files, f"{top}: {sorted(map(str, files ^ remote_files))}"
+        everything |= files
     for path in sorted(everything):
         a, b = local / path, remote / path
         name = str(path)
@@ -130,10 +159,11 @@ def assert_outputs_match(local: Path, remote: Path) -> None:
 
 
 def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_path, monkeypatch):
-    """Every job of the tiny config is an sbatch job (its SLURM id in Snakemake's log, SLURM's
-    own log for it); gemnet trains as one task running torchrun with 2 processes, dimenetpp
-    through the multi-node path (2 "nodes" emulated as 2 srun tasks on the one node, two
-    torchrun agents at one c10d rendezvous); every output equals the local run's."""
+    """Every job of SLURM_TARGETS is an sbatch job (its SLURM id in Snakemake's log, SLURM's
+    own log for it), and these jobs cover every rule the local tiny run ran; gemnet trains as
+    one task running torchrun with 2 processes, dimenetpp through the multi-node path (2
+    "nodes" emulated as 2 srun tasks on the one node, two torchrun agents at one c10d
+    rendezvous); every output equals the local run's."""
     monkeypatch.setenv("LOGLEVEL", "INFO")  # torchrun then logs each agent's rendezvous
     workdir = copy_test_workdir(tmp_path / "run")
     config_file = workdir / "config" / "config.yaml"
@@ -142,7 +172,7 @@ def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_
     config_file.write_text(yaml.safe_dump(config))
 
     started = time.monotonic()
-    result = run_on_slurm(workdir, site_settings(tmp_path, train_nodes=1))
+    result = run_on_slurm(workdir, site_settings(tmp_path, train_nodes=1), *SLURM_TARGETS)
     print(f"tiny workflow on SLURM: {time.monotonic() - started:.0f} s")
     output = result.stdout
     assert result.returncode == 0, output[-6000:]
@@ -150,6 +180,8 @@ def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_
     submitted = submissions(output)
     rules = Counter(rule_of(log) for *_, log in submitted)
     assert rules == planned_jobs(output)
+    first_local_log = sorted((tiny_workflow / ".snakemake" / "log").glob("*.snakemake.log"))[0]
+    assert set(rules) == set(planned_jobs(first_local_log.read_text())), "every rule on SLURM"
     assert len({slurm_id for _, slurm_id, _ in submitted}) == len(submitted)
     for _, slurm_id, log in submitted:
         assert log.name == f"{slurm_id}.log" and log.is_file(), log
@@ -163,7 +195,7 @@ def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_
     assert sorted(a["group_rank"] for a in agents) == ["0", "1"]
     assert {a["group_world_size"] for a in agents} == {"2"}
 
-    assert_outputs_match(tiny_workflow, workdir)
+    assert_outputs_match(tiny_workflow, workdir, SLURM_OUTPUTS)
 
 
 def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tmp_path):
@@ -176,7 +208,7 @@ def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tm
     shutil.copytree(tiny_workflow / "resources", workdir / "resources")  # no re-preprocessing
     config_file = workdir / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
-    steps = 40
+    steps = 10  # cancelled once its first checkpoint exists, the job resumes for the rest
     config["train"]["gp4"] = {
         "model": "gemnet-tiny",
         "gp_size": 2,

@@ -1,20 +1,36 @@
 # Helpers shared by the workflow's modules: config validation, paths, targets.
 import json
 import re
+import shlex
 import sys
 from pathlib import Path
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
-# Jobs run this checkout's package, installed or not (e.g. inside a conda env built from envs/).
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
-# (Doubled braces: Snakemake formats the prefix like a shell command.)
-shell.prefix(f"export PYTHONPATH={SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
+# Every job's shell starts with this prefix (doubled braces: Snakemake formats it like a
+# command):
+# - PYTHONPATH: jobs run this checkout's package, installed or not;
+# - one CPU thread per process: jobs get their parallelism from processes (torchrun ranks, data
+#   workers), and PyTorch's multithreaded CPU kernels do not give the same bits from run to run
+#   (two G = 2 trainings with 2 threads per rank differed from step 3);
+# - PATH: the rules' `python` and `torchrun` are those of the environment Snakemake itself runs
+#   in, so a Snakemake called by its path (.venv/bin/snakemake) needs no activated venv. Under
+#   --sdm conda the rule's conda environment, activated before this prefix runs, must win.
+ENVIRONMENT = [
+    f"PYTHONPATH={SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}",
+    "OMP_NUM_THREADS=1",
+    "MKL_NUM_THREADS=1",
+]
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    ENVIRONMENT.append(f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH")
+shell.prefix(f"export {' '.join(ENVIRONMENT)}; ")
 
-from graphpar import train as graphpar_train  # noqa: E402
+from graphpar.training.config import TrainingError, load_config  # noqa: E402
 from graphpar.data import mini, oc20  # noqa: E402
 
 validate(config, "../schemas/config.schema.yaml")
@@ -113,14 +129,14 @@ def train_split_dir(run, split):
 
 
 def train_config(run):
-    """The full graphpar.train config of a run: split names resolved to folders, validated."""
+    """The full graphpar.training config of a run: split names resolved to folders, validated."""
     run_config = dict(config["train"][run])
     run_config["train"] = [train_split_dir(run, split) for split in run_config["train"]]
     if run_config.get("val") is not None:
         run_config["val"] = train_split_dir(run, run_config["val"])
     try:
-        return graphpar_train.load_config(run_config)
-    except graphpar_train.TrainingError as error:
+        return load_config(run_config)
+    except TrainingError as error:
         raise ValueError(f"config train.{run}: {error}") from None
 
 
@@ -198,7 +214,7 @@ def all_targets():
 OC20_S2EF_SPLITS = [
     split
     for archive in oc20.CATALOGUE.values()
-    if archive.kind == "s2ef"
+    if archive.layout == "s2ef"
     for split in archive.splits
 ]
 
@@ -261,17 +277,26 @@ def mpi_launcher(run_config):
     return "srun" if run_config["nodes"] > 1 else ""
 
 
-def torchrun_launcher(run_config):
-    """What follows `{resources.mpi}` in a rule's shell: torchrun and its rendezvous."""
+# A rule's shell: `{resources.mpi} {params.srun}torchrun {params.torchrun} -m ...`.
+def srun_options(run_config):
+    """srun's options on several nodes (one torchrun per task), with a trailing space; none on
+    one node."""
+    nodes = run_config["nodes"]
+    if nodes == 1:
+        return ""
+    cpus = cpus_per_node(run_config)
+    return f"--ntasks={nodes} --cpus-per-task={cpus} --kill-on-bad-exit=1 --label "
+
+
+def torchrun_options(run_config):
+    """torchrun's options: standalone on one node, else a c10d rendezvous. The batch script runs
+    on the first node of the allocation, so its hostname (expanded there, before srun) is the
+    rendezvous host."""
     nodes, per_node = run_config["nodes"], processes_per_node(run_config)
     if nodes == 1:
-        return f"torchrun --standalone --nproc_per_node={per_node}"
-    # srun's options, then one torchrun per task. The batch script runs on the first node of
-    # the allocation, so its hostname (expanded there, before srun) is the rendezvous host.
+        return f"--standalone --nproc_per_node={per_node}"
     return (
-        f"--ntasks={nodes} --cpus-per-task={cpus_per_node(run_config)}"
-        " --kill-on-bad-exit=1 --label"
-        f" torchrun --nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d"
+        f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d"
         f" --rdzv_endpoint=$(hostname):$(({RDZV_PORT} + SLURM_JOB_ID % 10000))"
         " --rdzv_id=$SLURM_JOB_ID"
     )
@@ -306,7 +331,7 @@ SCALING = config["scaling"]
 
 
 def scaling_config(run):
-    """A scaling run's graphpar.train config: S2EF split names resolved to folders."""
+    """A scaling run's graphpar.training config: S2EF split names resolved to folders."""
     run_config = dict(SCALING["runs"][run])
     for split in run_config["train"]:
         if split not in s2ef_splits():
@@ -318,8 +343,8 @@ def scaling_config(run):
     # The trainer's config wants a length; a scaling run's is its warmup and measured steps.
     run_config.setdefault("max_steps", SCALING["warmup"] + SCALING["steps"])
     try:
-        run_config = graphpar_train.load_config(run_config)
-    except graphpar_train.TrainingError as error:
+        run_config = load_config(run_config)
+    except TrainingError as error:
         raise ValueError(f"config scaling.runs.{run}: {error}") from None
     check_layout(f"scaling.runs.{run}", run_config)
     return run_config

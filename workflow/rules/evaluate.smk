@@ -17,7 +17,7 @@ rule evaluate_s2ef:
         split="|".join(s2ef_eval_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: 2
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=12 * 60,

@@ -35,7 +35,7 @@ rule relax:
         gp_size=config["evaluate"]["gp_size"],
         steps=config["evaluate"]["relax_steps"],
     shell:
-        "torchrun --standalone --nproc_per_node={params.processes} -m graphpar.evaluate relax"
+        "torchrun --standalone --nproc_per_node={params.processes} -m graphpar.relax"
         " --gp-size {params.gp_size} --checkpoint {input.checkpoint} --data {input.data}"
         " --split {wildcards.split} --out-dir {params.out_dir}"
         " --metrics-dir {params.metrics_dir} --predictions-dir {params.predictions_dir}"

@@ -3,8 +3,8 @@
 # curves and predictions that exist when the DAG is built, and the benchmark files (common.smk,
 # report block), never a pipeline target: `snakemake --cores 1 report` rebuilds every table and
 # figure without training, preprocessing or downloading, even when checkpoints and data are gone.
-# `snakemake results/tables/table1.md` builds one table; then `snakemake report --report
-# report.html` gathers them all.
+# `snakemake results/tables/table1.md` builds one table; then `snakemake --report report.html all
+# report` gathers them all with the pipeline's jobs.
 
 
 localrules:
@@ -99,4 +99,4 @@ rule report_config:
     params:
         config=json.dumps(config),
     shell:
-        "python -m graphpar.report config --json {params.config:q} --out {output} > {log} 2>&1"
+        "python -m graphpar.report config --config-json {params.config:q} --out {output} > {log} 2>&1"

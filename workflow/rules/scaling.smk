@@ -33,13 +33,14 @@ rule scaling:
         mpi=lambda wildcards: mpi_launcher(SCALING_RUNS[wildcards.run]),
     params:
         config=lambda wildcards: json.dumps(SCALING_RUNS[wildcards.run]),
-        launcher=lambda wildcards: torchrun_launcher(SCALING_RUNS[wildcards.run]),
+        srun=lambda wildcards: srun_options(SCALING_RUNS[wildcards.run]),
+        torchrun=lambda wildcards: torchrun_options(SCALING_RUNS[wildcards.run]),
         requires_slurm=lambda wildcards: requires_slurm(
             f"scaling.runs.{wildcards.run}", SCALING_RUNS[wildcards.run]
         ),
         warmup=SCALING["warmup"],
         steps=SCALING["steps"],
     shell:
-        "{params.requires_slurm}{resources.mpi} {params.launcher}"
+        "{params.requires_slurm}{resources.mpi} {params.srun}torchrun {params.torchrun}"
         " -m graphpar.scaling --config-json {params.config:q} --out {output}"
         " --warmup {params.warmup} --steps {params.steps} > {log} 2>&1"

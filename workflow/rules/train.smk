@@ -32,12 +32,13 @@ rule train:
         mpi=lambda wildcards: mpi_launcher(TRAIN[wildcards.run]),
     params:
         config=lambda wildcards: json.dumps(TRAIN[wildcards.run]),
-        launcher=lambda wildcards: torchrun_launcher(TRAIN[wildcards.run]),
+        srun=lambda wildcards: srun_options(TRAIN[wildcards.run]),
+        torchrun=lambda wildcards: torchrun_options(TRAIN[wildcards.run]),
         requires_slurm=lambda wildcards: requires_slurm(
             f"train.{wildcards.run}", TRAIN[wildcards.run]
         ),
         out=lambda wildcards: f"{RESULTS}/checkpoints/{wildcards.run}",
     shell:
-        "{params.requires_slurm}{resources.mpi} {params.launcher}"
-        " -m graphpar.train --config-json {params.config:q} --out {params.out} > {log} 2>&1"
+        "{params.requires_slurm}{resources.mpi} {params.srun}torchrun {params.torchrun}"
+        " -m graphpar.training.train --config-json {params.config:q} --out {params.out} > {log} 2>&1"
         " && cp {params.out}/metrics.jsonl {output.curve}"

@@ -6,7 +6,7 @@
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=2)
 
 All G ranks of a graph-parallel group load the same batch: the sampler is keyed by the
-data-parallel rank, never by the global rank (design.md section 3).
+data-parallel rank, never by the global rank (docs/architecture.md section 5).
 """
 
 from __future__ import annotations
@@ -18,16 +18,10 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from graphpar.data import graph
+from graphpar.data.graph import TRIPLET_FAMILIES, attach_triplets
 from graphpar.data.lmdb import ShardedLmdb
 from graphpar.data.sample import Sample
 
-# The batch fields each model's triplets need, by model family.
-TRIPLET_FIELDS = {
-    "dimenetpp": ("idx_kj", "idx_ji"),
-    "gemnet": ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca"),
-}
-TRIPLET_KINDS = tuple(TRIPLET_FIELDS)
 # Per-sample sizes in metadata.npz, by the name a sampler balances on.
 SIZE_ARRAYS = {
     "atoms": "natoms",
@@ -40,16 +34,16 @@ SIZE_ARRAYS = {
 class LmdbDataset(torch.utils.data.Dataset):
     """A preprocessed dataset directory (shards + metadata) as `Sample` objects.
 
-    `triplets` names the models whose triplet indices each sample must carry ("dimenetpp":
-    `idx_kj`, `idx_ji`; "gemnet": `edge_index_sym`, `cell_offsets_sym`, `id_swap`, `id3_ba`,
-    `id3_ca`). Samples stored without them (datasets too large to store triplets) get them
-    built here, from the stored edges, with the same code preprocessing uses. Safe in DataLoader
+    `triplets` names the model families whose triplet fields each sample must carry
+    (`graphpar.data.graph.TRIPLET_FIELDS`). Samples stored without them (datasets too large to
+    store triplets) get them built here, from the stored edges, by `attach_triplets` as in
+    preprocessing. Safe in DataLoader
     workers and in several processes: shards open lazily, read-only, per process.
     """
 
     def __init__(self, path: str | os.PathLike, triplets: Sequence[str] = ()):
-        if unknown := set(triplets) - set(TRIPLET_KINDS):
-            raise ValueError(f"unknown triplet kind(s) {sorted(unknown)}; use {TRIPLET_KINDS}")
+        if unknown := set(triplets) - set(TRIPLET_FAMILIES):
+            raise ValueError(f"unknown triplet families {sorted(unknown)}; use {TRIPLET_FAMILIES}")
         self.path = path
         self.triplets = tuple(triplets)
         self.lmdb = ShardedLmdb(path)
@@ -61,29 +55,18 @@ class LmdbDataset(torch.utils.data.Dataset):
     def metadata(self) -> dict:
         return self.lmdb.metadata
 
-    def sizes(self, kind: str = "atoms") -> np.ndarray:
+    def sizes(self, cost: str = "atoms") -> np.ndarray:
         """Per-sample cost for load balancing: atoms, edges, triplets_dimenetpp, triplets_gemnet."""
-        if kind not in SIZE_ARRAYS:
-            raise ValueError(f"unknown size kind {kind!r}; use one of {list(SIZE_ARRAYS)}")
-        return np.asarray(self.lmdb.arrays[SIZE_ARRAYS[kind]])
+        if cost not in SIZE_ARRAYS:
+            raise ValueError(f"unknown cost {cost!r}; use one of {list(SIZE_ARRAYS)}")
+        return np.asarray(self.lmdb.arrays[SIZE_ARRAYS[cost]])
 
     def __getitem__(self, index: int) -> Sample:
         fields = self.lmdb[index]
         sample = Sample(
             **{name: torch.from_numpy(np.array(value)) for name, value in fields.items()}
         )
-        if "dimenetpp" in self.triplets and "idx_kj" not in sample:
-            sample.idx_kj, sample.idx_ji = graph.dimenet_triplets(
-                sample.edge_index, sample.cell_offsets, int(sample.natoms)
-            )
-        if "gemnet" in self.triplets and "id3_ba" not in sample:
-            sample.edge_index_sym, sample.cell_offsets_sym, sample.id_swap = graph.symmetric_graph(
-                sample.edge_index, sample.cell_offsets
-            )
-            sample.id3_ba, sample.id3_ca = graph.gemnet_triplets(
-                sample.edge_index_sym, int(sample.natoms)
-            )
-        return sample
+        return attach_triplets(sample, self.triplets)
 
 
 def collate(samples: Sequence[Sample]) -> Batch:

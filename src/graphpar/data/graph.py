@@ -4,7 +4,7 @@ One implementation serves preprocessing (chunks of structures) and on-the-fly re
 (relaxations call `radius_graph_batch` every step). Everything is vectorised over atoms, edges
 and structures; lengths are in A.
 
-Conventions (design.md section 2):
+Conventions (docs/architecture.md section 4):
 
 * `edge_index[0]` = source j (neighbour), `edge_index[1]` = target i (centre); messages flow
   j -> i. `cell_offsets[e]` (int) is the image of the source, so
@@ -16,10 +16,15 @@ Conventions (design.md section 2):
 * DimeNet++ triplets k->j->i (`idx_kj`, `idx_ji`) index `edge_index`; GemNet triplets b->a, c->a
   (`id3_ba`, `id3_ca`) and `id_swap` index the symmetric graph `edge_index_sym`.
 
-Triplet counts (load balancing, metadata) come from `triplet_counts`, which never builds them.
+A sample or batch gets the triplets of a model family ("dimenetpp", "gemnet") in one place:
+`triplet_fields(data, family)` returns those it carries or builds them, and
+`attach_triplets(sample)` sets them on a sample. Triplet counts (load balancing, metadata) come
+from `triplet_counts`, which never builds them.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +33,10 @@ from torch import Tensor
 from graphpar.data.sample import Sample
 
 __all__ = [
+    "TRIPLET_FAMILIES",
+    "TRIPLET_FIELDS",
     "atoms_to_sample",
+    "attach_triplets",
     "dimenet_triplets",
     "edge_vectors",
     "gemnet_triplets",
@@ -36,6 +44,7 @@ __all__ = [
     "radius_graph_batch",
     "symmetric_graph",
     "triplet_counts",
+    "triplet_fields",
 ]
 
 # Candidate pairs held at once (structures x targets x images x sources): bounds the memory of
@@ -405,6 +414,43 @@ def gemnet_triplets(edge_index_sym: Tensor, num_nodes: int) -> tuple[Tensor, Ten
     return id3_ba, id3_ca
 
 
+# The fields the triplets of each model family add to a sample or batch: DimeNet++'s index
+# `edge_index`; GemNet's are its symmetric graph and indices into it (module docstring).
+TRIPLET_FIELDS = {
+    "dimenetpp": ("idx_kj", "idx_ji"),
+    "gemnet": ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca"),
+}
+TRIPLET_FAMILIES = tuple(TRIPLET_FIELDS)
+
+
+def triplet_fields(data, family: str) -> tuple[Tensor, ...]:
+    """The triplet fields of `family` (in `TRIPLET_FIELDS` order) of a `Sample` or a batch of
+    them: the ones `data` carries if it carries them all, else built from its graph
+    (`edge_index` sorted by target, `cell_offsets`; batch-global ids in a batch). `data` itself
+    is left as it is."""
+    if family not in TRIPLET_FIELDS:
+        raise ValueError(f"unknown triplet family {family!r}; use one of {TRIPLET_FAMILIES}")
+    carried = tuple(getattr(data, key, None) for key in TRIPLET_FIELDS[family])
+    if all(value is not None for value in carried):
+        return carried
+    num_nodes = data.pos.size(0)
+    if family == "dimenetpp":
+        return dimenet_triplets(data.edge_index, data.cell_offsets, num_nodes)
+    edge_index_sym, cell_offsets_sym, id_swap = symmetric_graph(data.edge_index, data.cell_offsets)
+    id3_ba, id3_ca = gemnet_triplets(edge_index_sym, num_nodes)
+    return edge_index_sym, cell_offsets_sym, id_swap, id3_ba, id3_ca
+
+
+def attach_triplets(sample: Sample, families: Sequence[str] = TRIPLET_FAMILIES) -> Sample:
+    """Set on `sample` the triplet fields of `families` (`triplet_fields`: built unless carried)
+    and return it. For samples, before batching: batching offsets these fields, and a batch does
+    not know fields set on it afterwards (models ask `triplet_fields` of a batch instead)."""
+    for family in families:
+        for key, value in zip(TRIPLET_FIELDS[family], triplet_fields(sample, family), strict=True):
+            setattr(sample, key, value)
+    return sample
+
+
 def triplet_counts(
     edge_index: Tensor, cell_offsets: Tensor, num_nodes: int, num_edges: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -576,11 +622,7 @@ def atoms_to_sample(
         cell_offsets=cell_offsets,
     )
     if triplets:
-        sample.idx_kj, sample.idx_ji = dimenet_triplets(edge_index, cell_offsets, num_atoms)
-        sample.edge_index_sym, sample.cell_offsets_sym, sample.id_swap = symmetric_graph(
-            edge_index, cell_offsets
-        )
-        sample.id3_ba, sample.id3_ca = gemnet_triplets(sample.edge_index_sym, num_atoms)
+        attach_triplets(sample)
 
     results = atoms.calc.results if atoms.calc is not None else {}
     if "energy" in results:

@@ -48,11 +48,11 @@ BASE_URL = "https://dl.fbaipublicfiles.com/opencatalystproject/data/"
 CHUNK_BYTES = 1 << 20  # 1 MiB: large enough to keep syscalls cheap, small enough to stream
 PROGRESS_INTERVAL_S = 5.0  # tqdm redraw interval: the bars end up in Snakemake log files
 
-# Archive kinds: how the members of a tar map onto splits (see `_destination`).
+# Archive layouts: how the members of a tar map onto splits (see `_destination`).
 S2EF = "s2ef"  # one split per tar: <name>/<name>/*.extxyz.xz + *.txt.xz
 S2EF_TEST = "s2ef_test"  # LMDB shards in .../<test_split>/*.lmdb
 IS2RE = "is2re"  # .../is2re/{10k,100k,all}/<split>/data.lmdb
-KINDS = (S2EF, S2EF_TEST, IS2RE)
+LAYOUTS = (S2EF, S2EF_TEST, IS2RE)
 
 # The suffixes of the S2EF raw files we keep; everything else in an S2EF tar is skipped.
 S2EF_SUFFIXES = (".extxyz.xz", ".txt.xz", ".extxyz", ".txt")
@@ -86,8 +86,9 @@ class UnsafeArchiveError(ExtractError):
 class Archive:
     """One downloadable OC20 archive.
 
-    `counts` maps our split names to the expected number of S2EF frames (or IS2RE systems);
-    None where no source documents the number. `size` is the documented "compressed /
+    `layout` (S2EF, S2EF_TEST or IS2RE) says how its members map onto splits. `counts` maps our
+    split names to the expected number of S2EF frames (or IS2RE systems); None where no source
+    documents the number. `size` is the documented "compressed /
     uncompressed" size as a human-readable string.
     """
 
@@ -95,7 +96,7 @@ class Archive:
     filename: str
     md5s: tuple[str, ...]
     size: str
-    kind: str
+    layout: str
     # hash=False: a dict is unhashable, and the other fields identify an archive anyway.
     counts: dict[str, int | None] = field(hash=False)
 
@@ -107,7 +108,7 @@ class Archive:
     @property
     def task(self) -> str:
         """The top-level data directory of its splits: "s2ef" or "is2re"."""
-        return IS2RE if self.kind == IS2RE else S2EF
+        return IS2RE if self.layout == IS2RE else S2EF
 
     def split_dir(self, split: str) -> str:
         """The directory of `split`, relative to the data root (e.g. "s2ef/val_id")."""
@@ -246,24 +247,24 @@ CATALOGUE: dict[str, Archive] = {
     ]
 }
 
-# A task-level lookup ("s2ef") covers the raw-text archives and the test LMDBs alike, since their
-# splits share the s2ef/ directory; the archive kinds themselves are accepted too.
-_KINDS_FOR_LOOKUP = {S2EF: (S2EF, S2EF_TEST), S2EF_TEST: (S2EF_TEST,), IS2RE: (IS2RE,)}
+# The archive layouts of each task: S2EF splits come from the raw-text archives and the test
+# LMDBs alike, which share the s2ef/ directory.
+_TASK_LAYOUTS = {S2EF: (S2EF, S2EF_TEST), IS2RE: (IS2RE,)}
 
 
-def archive_for_split(kind: str, split: str) -> Archive:
-    """The catalogue archive that provides `split` for `kind` ("s2ef", "s2ef_test" or "is2re").
+def archive_for_split(task: str, split: str) -> Archive:
+    """The catalogue archive that provides `split` of `task` ("s2ef" or "is2re").
 
-    Raises KeyError, listing the valid splits, for an unknown kind or split.
+    Raises KeyError, listing the valid splits, for an unknown task or split.
     """
-    if kind not in _KINDS_FOR_LOOKUP:
-        raise KeyError(f"unknown OC20 kind {kind!r}; expected one of {sorted(_KINDS_FOR_LOOKUP)}")
-    candidates = [a for a in CATALOGUE.values() if a.kind in _KINDS_FOR_LOOKUP[kind]]
+    if task not in _TASK_LAYOUTS:
+        raise KeyError(f"unknown OC20 task {task!r}; expected one of {sorted(_TASK_LAYOUTS)}")
+    candidates = [a for a in CATALOGUE.values() if a.layout in _TASK_LAYOUTS[task]]
     for archive in candidates:
         if split in archive.counts:
             return archive
     valid = [s for archive in candidates for s in archive.splits]
-    raise KeyError(f"unknown OC20 {kind} split {split!r}; valid splits: {', '.join(valid)}")
+    raise KeyError(f"unknown OC20 {task} split {split!r}; valid splits: {', '.join(valid)}")
 
 
 def archive_by_filename(filename: str | os.PathLike) -> Archive:
@@ -541,18 +542,18 @@ def _destination(archive: Archive, member_name: str) -> tuple[str, str] | None:
     if not parts:
         return None
     basename = parts[-1]
-    if archive.kind == S2EF:
+    if archive.layout == S2EF:
         # One split per archive; its nested directories are flattened.
         if basename.endswith(S2EF_SUFFIXES):
             return archive.splits[0], basename
         return None
     if basename.endswith("-lock"):  # LMDB lock files are per-machine state, never data
         return None
-    if archive.kind == S2EF_TEST:
+    if archive.layout == S2EF_TEST:
         if len(parts) >= 2 and parts[-2] in archive.counts:
             return parts[-2], basename
         return None
-    if archive.kind == IS2RE:
+    if archive.layout == IS2RE:
         if len(parts) < 4 or basename != "data.lmdb" or parts[-4] != "is2re":
             return None
         subset, split = parts[-3], parts[-2]
@@ -563,7 +564,7 @@ def _destination(archive: Archive, member_name: str) -> tuple[str, str] | None:
         if split in archive.counts:
             return split, basename
         return None
-    raise ExtractError(f"archive {archive.name} has unknown kind {archive.kind!r}")
+    raise ExtractError(f"archive {archive.name} has unknown layout {archive.layout!r}")
 
 
 def _stream_into_staging(
@@ -611,7 +612,7 @@ def _stream_into_staging(
 
 def _count_split(archive: Archive, split_dir: Path) -> int:
     """Frames (S2EF text), or entries (LMDB), found in one staged split directory."""
-    if archive.kind == S2EF:
+    if archive.layout == S2EF:
         texts = [p for p in split_dir.iterdir() if p.name.endswith((".txt.xz", ".txt"))]
         return sum(count_lines(path) for path in texts)
     return sum(pyg_lmdb_length(path) for path in split_dir.iterdir() if path.name.endswith(".lmdb"))
@@ -624,7 +625,7 @@ def _verify_count(archive: Archive, split: str, staging: Path, tar_path: Path) -
     except (lzma.LZMAError, EOFError, LmdbFormatError, UnsafePickleError) as error:
         raise ExtractError(f"{tar_path}: split {split}: cannot count entries: {error}") from error
     expected = archive.counts[split]
-    unit = "systems" if archive.kind == IS2RE else "frames"
+    unit = "systems" if archive.layout == IS2RE else "frames"
     if expected is not None and found != expected:
         message = f"{archive.name}: split {split}: expected {expected:,} {unit}, found {found:,}"
         if archive.name in AMBIGUOUS_MD5_ARCHIVES:

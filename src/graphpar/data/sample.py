@@ -21,7 +21,7 @@ SYM_EDGE_ID_KEYS = ("id3_ba", "id3_ca", "id_swap")
 
 
 class Sample(Data):
-    """One structure (design.md section 2). Units: A, eV, eV/A.
+    """One structure (docs/architecture.md sections 3-4). Units: A, eV, eV/A.
 
     | field | dtype, shape | notes |
     |---|---|---|

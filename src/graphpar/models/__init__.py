@@ -2,7 +2,7 @@
 
 `build_model(name, **overrides)` builds a registered configuration (keyword overrides replace
 its hyperparameters); `count_parameters(name, **overrides)` counts its parameters on the meta
-device, without allocating weights. Sizes (paper.md sections 1-2; reference-implementation.md):
+device, without allocating weights. Sizes (docs/paper.md, Models):
 
 | name | class | settings | parameters (paper) |
 |---|---|---|---|

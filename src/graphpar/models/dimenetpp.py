@@ -5,12 +5,12 @@ Blocks and parameter names are PyG's `torch_geometric.nn.models.dimenet.DimeNetP
 works. Differences from PyG/OCP:
 
 * the graph comes from the batch (`edge_index`, `cell_offsets`, and `idx_kj`/`idx_ji` when
-  present, else `graphpar.data.graph.dimenet_triplets`); edge vectors include the periodic image
-  shift `cell_offsets @ cell` and positions are never detached;
+  present, else built: `graphpar.data.graph.triplet_fields`); edge vectors include the periodic
+  image shift `cell_offsets @ cell` and positions are never detached;
 * the angular basis is evaluated from cos(alpha) = <v_kj, v_ji> / (|v_kj| |v_ji|) instead of
   atan2 (see `graphpar.models.basis`), so collinear triplets have finite forces;
 * forces = -dE/dpos by autograd (`create_graph` while training);
-* graph parallelism (design.md section 3), the identity for G = 1: each rank of the
+* graph parallelism (docs/architecture.md section 5), the identity for G = 1: each rank of the
   graph-parallel group owns a contiguous slice of the edges balanced by triplet count
   (`partition_edges`) and the triplets whose output edge j->i it owns; the down-projected `x_kj`
   is all-gathered for the triplets' input edges; edge-to-atom sums are local scatters followed
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import Embedding, Linear
 
-from graphpar.data.graph import dimenet_triplets, edge_vectors
+from graphpar.data.graph import edge_vectors, triplet_fields
 from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
 from graphpar.models.blocks import atom_structure, scatter_sum
 from graphpar.parallel import (
@@ -266,6 +266,9 @@ class DimeNetPlusPlus(nn.Module):
     * regress_forces (True, OCP): forces = -dE/dpos.
     """
 
+    # Its triplets: `graphpar.data.graph.TRIPLET_FIELDS["dimenetpp"]`.
+    triplet_family = "dimenetpp"
+
     def __init__(
         self,
         hidden_channels: int = 192,
@@ -362,10 +365,7 @@ class DimeNetPlusPlus(nn.Module):
         structure = atom_structure(batch)
         edge_index = batch.edge_index
         cell_offsets = batch.cell_offsets
-        idx_kj = getattr(batch, "idx_kj", None)
-        idx_ji = getattr(batch, "idx_ji", None)
-        if idx_kj is None or idx_ji is None:
-            idx_kj, idx_ji = dimenet_triplets(edge_index, cell_offsets, num_nodes)
+        idx_kj, idx_ji = triplet_fields(batch, self.triplet_family)
         num_edges = edge_index.size(1)
 
         dims = get_dims()

@@ -11,22 +11,22 @@ target. GemNet works on the symmetrised graph (`graphpar.data.graph.symmetric_gr
 edge set as fairchem's `reorder_symmetric_edges`, sorted by target) with `id_swap` (reverse edge)
 and triplets b->a, c->a sharing the target a (`gemnet_triplets`); cos phi_cab = V_ca . V_ba.
 The batch may carry them (`edge_index_sym`, `cell_offsets_sym`, `id_swap`, `id3_ba`, `id3_ca`);
-otherwise they are built from `edge_index`, `cell_offsets`.
+otherwise they are built from `edge_index`, `cell_offsets` (`graphpar.data.graph.triplet_fields`).
 
 Blocks (names as fairchem's modules, so that `load_fairchem_state_dict` is a short name map):
 every `Dense` is a bias-free linear layer followed by ScaledSiLU = SiLU / 0.6 (none in the basis
 projections and the last output layers); a `ResidualLayer` is (x + Dense(Dense(x))) / sqrt(2);
 `ScaleFactor`s are fitted constants (buffers `scale_factor`, each with its fairchem name).
 
-Graph parallelism (design.md section 3), the identity for G = 1, as in DimeNet++: each rank of
-the graph-parallel group owns a contiguous slice of the symmetric graph's edges balanced by
+Graph parallelism (docs/architecture.md section 5), the identity for G = 1, as in DimeNet++: each
+rank of the graph-parallel group owns a contiguous slice of the symmetric graph's edges balanced by
 GemNet triplet count (`partition_edges` on `id3_ca`) and the triplets whose output edge c->a it
 owns. Edge state m is partitioned; atom state h, the energy and the forces are replicated. The
-down-projected x_ba is all-gathered for the triplets' input edges b->a, and the bilinear output
-for the reverse edges (`id_swap`); edge-to-atom sums are local scatters followed by an
-all-reduce; h enters edge work through `copy_to_partitioned`; per-atom MLPs (and the atom
-embedding) are replicated work whose parameters go through `scale_replicated`. Every
-communication is marked `# Graph parallel:`.
+down-projected x_ba is all-gathered for the triplets' input edges b->a, and the bilinear output for
+the reverse edges (`id_swap`); edge-to-atom sums are local scatters followed by an all-reduce; h
+enters edge work through `copy_to_partitioned`; per-atom MLPs (and the atom embedding) are
+replicated work whose parameters go through `scale_replicated`. Every communication is
+marked `# Graph parallel:`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from graphpar.data.graph import edge_vectors, gemnet_triplets, symmetric_graph
+from graphpar.data.graph import edge_vectors, triplet_fields
 from graphpar.models.blocks import atom_structure, scatter_sum
 from graphpar.models.gemnet_basis import CircularBasis, RadialBasis
 from graphpar.parallel import (
@@ -423,6 +423,9 @@ class GemNetT(nn.Module):
     graph, which comes from the batch.
     """
 
+    # Its symmetric graph and triplets: `graphpar.data.graph.TRIPLET_FIELDS["gemnet"]`.
+    triplet_family = "gemnet"
+
     def __init__(
         self,
         num_spherical: int = 7,
@@ -546,16 +549,6 @@ class GemNetT(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    def graph(self, batch):
-        """Symmetric graph and triplets: from the batch when present, else built."""
-        keys = ("edge_index_sym", "cell_offsets_sym", "id_swap", "id3_ba", "id3_ca")
-        values = [getattr(batch, key, None) for key in keys]
-        if all(v is not None for v in values):
-            return tuple(values)
-        edge_index, cell_offsets, id_swap = symmetric_graph(batch.edge_index, batch.cell_offsets)
-        id3_ba, id3_ca = gemnet_triplets(edge_index, batch.pos.size(0))
-        return edge_index, cell_offsets, id_swap, id3_ba, id3_ca
-
     def forward(self, batch) -> dict[str, Tensor]:
         grad_enabled = torch.is_grad_enabled()
         gradient_forces = self.regress_forces and not self.direct_forces
@@ -582,7 +575,8 @@ class GemNetT(nn.Module):
         num_atoms = pos.size(0)
         natoms = batch.natoms.reshape(-1)
         structure = atom_structure(batch)
-        edge_index, cell_offsets, id_swap, id3_ba, id3_ca = self.graph(batch)
+        graph = triplet_fields(batch, self.triplet_family)
+        edge_index, cell_offsets, id_swap, id3_ba, id3_ca = graph
         num_edges = edge_index.size(1)
 
         dims = get_dims()

@@ -1,8 +1,9 @@
-"""Graph parallelism (design.md section 3): process groups (G graph-parallel x D data-parallel),
-communication primitives with the adjoints their consumers need, and balanced partitions.
+"""Graph parallelism (docs/architecture.md section 5): process groups (G graph-parallel x D
+data-parallel), communication primitives with the adjoints their consumers need, and balanced
+partitions.
 
 Vocabulary: `groups` (rank, group, G, D), `comm` (replicated vs partitioned tensors),
-`partition` (contiguous slices per rank).
+`partition` (contiguous slices per rank), `launch` (joining torchrun's processes, `is_main`).
 """
 
 from graphpar.parallel.comm import (
@@ -16,6 +17,16 @@ from graphpar.parallel.comm import (
     sync_gradients,
 )
 from graphpar.parallel.groups import ParallelDims, destroy_groups, get_dims, init_groups
+from graphpar.parallel.launch import (
+    broadcast,
+    dp_sum,
+    gather_world,
+    is_main,
+    join_processes,
+    leave_processes,
+    setup_processes,
+    world_rank,
+)
 from graphpar.parallel.partition import (
     EdgeShare,
     LocalTriplets,
@@ -33,19 +44,27 @@ __all__ = [
     "ParallelDims",
     "Partition",
     "balanced_partition",
+    "broadcast",
     "copy_to_partitioned",
     "destroy_groups",
+    "dp_sum",
     "gather_for_partitioned",
     "gather_for_replicated",
+    "gather_world",
     "get_dims",
     "init_groups",
+    "is_main",
+    "join_processes",
+    "leave_processes",
     "local_triplets",
     "partition_atoms",
     "partition_edges",
     "reduce_partial",
     "reduce_scatter",
     "scale_replicated",
+    "setup_processes",
     "share_edges",
     "split",
     "sync_gradients",
+    "world_rank",
 ]

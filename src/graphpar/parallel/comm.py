@@ -17,8 +17,8 @@ so the same forward needs two functions when its result can be consumed either w
 
 fairchem's `gather_from_model_parallel_region` uses the `gather_for_replicated` adjoint where the
 gathered tensor feeds rank-local triplets, which drops every "rank r's triplet reads rank s's
-edge" term from parameter gradients and gradient forces (reference-implementation.md 1.6); the
-tests here pin that down.
+edge" term from parameter gradients and gradient forces (docs/architecture.md section 5, the
+adjoint table); the tests here pin that down.
 
 The functions come in adjoint pairs (reduce_partial / copy_to_partitioned, split /
 gather_for_replicated, gather_for_partitioned / reduce_scatter) and each backward calls its

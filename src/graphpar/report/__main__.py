@@ -5,7 +5,7 @@ python -m graphpar.report table table1 --results results --paper results/paper \
 python -m graphpar.report figure parity --results results --out-dir results/figures
 python -m graphpar.report export --experiment mini --out mini-metrics.tar
 python -m graphpar.report import colleague-metrics.tar [--as NAME] [--force]
-python -m graphpar.report config --json '{...}' --out results/report/config.yaml
+python -m graphpar.report config --config-json '{...}' --out results/report/config.yaml
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     config = commands.add_parser("config", help="write the workflow's config as YAML")
-    config.add_argument("--json", required=True, help="the config as JSON")
+    config.add_argument("--config-json", required=True, help="the config as one JSON string")
     config.add_argument("--out", type=Path, required=True)
 
     args = parser.parse_args(argv)
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"imported {', '.join(experiments)} into {args.results}")
     elif args.command == "config":
         with atomic_path(args.out) as tmp:
-            tmp.write_text(yaml.safe_dump(json.loads(args.json), sort_keys=False))
+            tmp.write_text(yaml.safe_dump(json.loads(args.config_json), sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ files unless asked, and records where the files came from in `<experiment>/impor
 from __future__ import annotations
 
 import datetime
-import hashlib
 import io
 import json
 import os
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from graphpar.io import atomic_path, write_json
+from graphpar.provenance import git_commit, sha256_bytes, sha256_file
 
 MANIFEST = "MANIFEST.json"
 # Only results, never anything executable or large: what the report reads.
@@ -30,16 +30,6 @@ MEMBER = re.compile(r"^[A-Za-z0-9._-]+/(metrics|predictions|scaling)/[A-Za-z0-9.
 
 class BundleError(ValueError):
     """A bundle that cannot be imported as it is (bad member, checksum, conflict)."""
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _git_commit() -> str | None:
-    from graphpar.evaluate import git_commit
-
-    return git_commit()
 
 
 def bundle_files(results: Path, experiment: str, predictions: bool = True) -> list[Path]:
@@ -71,9 +61,9 @@ def export_bundle(
     ]
     manifest = {
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "experiments": sorted(experiments),
-        "files": {path.as_posix(): _sha256((results / path).read_bytes()) for path in files},
+        "files": {path.as_posix(): sha256_file(results / path) for path in files},
     }
     with atomic_path(out) as tmp, tarfile.open(tmp, "w") as tar:
         data = json.dumps(manifest, indent=2, sort_keys=True).encode()
@@ -112,7 +102,7 @@ def _read_members(bundle: Path) -> tuple[dict, dict[str, bytes]]:
         missing, unlisted = sorted(set(listed) - set(contents)), sorted(set(contents) - set(listed))
         raise BundleError(f"{bundle}: missing members {missing}, unlisted members {unlisted}")
     for name, data in contents.items():
-        if _sha256(data) != listed[name]:
+        if sha256_bytes(data) != listed[name]:
             raise BundleError(f"{bundle}: {name} does not match its sha256 in {MANIFEST}")
         if "/metrics/" in name and name.endswith(".json"):
             metrics = json.loads(data)
@@ -164,7 +154,7 @@ def import_bundle(
         shutil.rmtree(staging)
     record = {
         "bundle": bundle.name,
-        "bundle_sha256": _sha256(bundle.read_bytes()),
+        "bundle_sha256": sha256_file(bundle),
         "imported": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "manifest": {key: manifest.get(key) for key in ("created", "git_commit", "experiments")},
     }

@@ -344,8 +344,8 @@ def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
             }
         )
     metrics = sources.read_metrics(results, "s2ef")
-    for (experiment, run, kind, model), group in metrics.groupby(
-        ["experiment", "run", "kind", "model"], sort=True
+    for (experiment, run, split_group, model), group in metrics.groupby(
+        ["experiment", "run", "split_group", "model"], sort=True
     ):
         values = group["forces_mae"].dropna()
         count = sources.parameter_count(model)
@@ -353,7 +353,7 @@ def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
             continue
         rows.append(
             {
-                "source": f"ours ({kind}, mean of {len(values)} split(s))",
+                "source": f"ours ({split_group}, mean of {len(values)} split(s))",
                 "label": f"{_run_label(experiment, run)} ({model})",
                 "parameters": float(count),
                 "forces_mae": float(values.astype(float).mean()),

@@ -32,12 +32,13 @@ METRIC_KEYS = {
 }
 
 
-def split_kind(split: str) -> tuple[str, str]:
-    """`val_ood_ads` -> ("val", "OOD Ads"); a split outside OC20's naming keeps its name."""
-    kind, _, key = split.partition("_")
-    if kind in ("val", "test") and key in SPLIT_LABELS:
-        return kind, SPLIT_LABELS[key]
-    return kind, split
+def split_group(split: str) -> tuple[str, str]:
+    """(split group, split label): `val_ood_ads` -> ("val", "OOD Ads"); a split outside OC20's
+    naming keeps its name as its label."""
+    group, _, key = split.partition("_")
+    if group in ("val", "test") and key in SPLIT_LABELS:
+        return group, SPLIT_LABELS[key]
+    return group, split
 
 
 def metrics_files(results: Path, task: str) -> list[Path]:
@@ -52,19 +53,20 @@ def _dataset_name(provenance: dict) -> str:
 
 
 def read_metrics(results: Path, task: str) -> pd.DataFrame:
-    """One row per metrics file of `task`: experiment, run, split, kind (val/test), split_label,
-    model (registered config), dataset, the task's metrics (None where null), n_systems, path."""
+    """One row per metrics file of `task`: experiment, run, split, split_group (val/test),
+    split_label, model (registered config), dataset, the task's metrics (None where null),
+    n_systems, path."""
     rows = []
     for path in metrics_files(results, task):
         metrics = json.loads(path.read_text())
-        kind, label = split_kind(metrics["split"])
+        group, label = split_group(metrics["split"])
         provenance = metrics.get("provenance", {})
         rows.append(
             {
                 "experiment": path.parents[2].name,
                 "run": path.parent.name,
                 "split": metrics["split"],
-                "kind": kind,
+                "split_group": group,
                 "split_label": label,
                 "model": provenance.get("model", "?"),
                 "dataset": _dataset_name(provenance),
@@ -73,7 +75,7 @@ def read_metrics(results: Path, task: str) -> pd.DataFrame:
                 "path": str(path),
             }
         )
-    columns = ["experiment", "run", "split", "kind", "split_label", "model", "dataset"]
+    columns = ["experiment", "run", "split", "split_group", "split_label", "model", "dataset"]
     columns += [*METRIC_KEYS[task], "n_systems", "path"]
     return pd.DataFrame(rows, columns=columns)
 

@@ -4,7 +4,7 @@ experiments' rows beside the published ones, rendered as Markdown, CSV and LaTeX
 Columns follow the paper's order and units (energies in eV, forces in eV/A, fractions in %),
 then a `Source` column. Published cells are reproduced exactly as printed (from
 `results/paper/`). Our rows come from every metrics file found under `results/*/metrics/`:
-`<experiment>/<run> (<model config>)`, one row per split kind (val, test) averaged over the
+`<experiment>/<run> (<model config>)`, one row per split group (val, test) averaged over the
 splits that have a value (the paper averages the four test splits; our test splits have
 hidden labels on OC20, so the val splits stand in). Where our model configuration is one the
 paper reports (results/paper/models.csv), a `rel. diff.` row gives (ours - paper) / paper.
@@ -64,7 +64,9 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
     """Our rows (and their relative differences), in the table's columns, keyed for ordering."""
     config_to_model = {row.config: row.model_id for row in models.itertuples() if row.config}
     per_split = meta["layout"] == "split"
-    keys = ["experiment", "run", "kind", "model", "dataset"] + (["split"] if per_split else [])
+    keys = ["experiment", "run", "split_group", "model", "dataset"] + (
+        ["split"] if per_split else []
+    )
     rows = []
     for key, group in metrics.groupby(keys, sort=True):
         record = dict(zip(keys, key, strict=True))
@@ -73,7 +75,9 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
         if per_split:
             source = f"ours: {record['split']}"
         else:
-            source = f"ours: {record['kind']}, mean of {with_value['split'].nunique()} split(s)"
+            source = (
+                f"ours: {record['split_group']}, mean of {with_value['split'].nunique()} split(s)"
+            )
         row = {"Model": f"{record['experiment']}/{record['run']} ({record['model']})"}
         if per_split:
             row = {"Split": group["split_label"].iloc[0], **row}
