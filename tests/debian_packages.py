@@ -1,5 +1,8 @@
 """Debian packages the tests need beyond the venv (slurm-wlm and munge for tests/cluster, chromium
-for the HTML report), installed with apt-get when a command is missing and the tests run as root."""
+for the HTML report), installed with apt-get when a command is missing and the tests run as root.
+
+    python tests/debian_packages.py    install them all now (.ci/run does, beside `make install`)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,14 @@ import subprocess
 from collections.abc import Sequence
 
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+# {what needs them: (Debian packages, the commands they provide)}
+SLURM = (
+    ("slurm-wlm", "munge"),
+    ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scancel", "munged", "munge"),
+)
+CHROMIUM = (("chromium",), ("chromium",))
+NEEDED = {"tests/cluster (a local SLURM)": SLURM, "tests/test_report_html.py": CHROMIUM}
 
 
 class Unavailable(RuntimeError):
@@ -29,3 +40,14 @@ def ensure_packages(packages: Sequence[str], commands: Sequence[str]) -> None:
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise Unavailable(f"{' '.join(command)} failed: {result.stderr[-2000:]}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    for user, (packages, commands) in NEEDED.items():
+        try:
+            ensure_packages(packages, commands)
+            print(f"{' '.join(packages)}: installed ({user})")
+        except Unavailable as reason:  # the tests that need them say so again
+            print(f"{' '.join(packages)}: {reason}", file=sys.stderr)

@@ -43,6 +43,8 @@ def make_batch(seed: int = 0):
         atomic_numbers=torch.from_numpy(graph["batch_atomic_numbers"]),
         cell=torch.from_numpy(graph["batch_cell"]),
         natoms=natoms,
+        num_graphs=natoms.numel(),
+        free=torch.ones(pos.size(0), dtype=torch.bool),
         batch=torch.repeat_interleave(torch.arange(natoms.numel()), natoms),
         edge_index=torch.from_numpy(graph["batch_edge_index"]),
         cell_offsets=torch.from_numpy(graph["batch_cell_offsets"]),

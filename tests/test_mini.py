@@ -205,7 +205,7 @@ def test_cli_help_and_clear_errors(tmp_path):
     result = subprocess.run([*run, "--help"], capture_output=True, text=True, env=tool_env())
     assert result.returncode == 0 and "--workers" in result.stdout
     result = subprocess.run(
-        [*run, "--out", str(tmp_path / "x"), "--settings", '{"layers": 2, "fixed_layers": 2}'],
+        [*run, "--out", str(tmp_path / "x"), "--config-json", '{"layers": 2, "fixed_layers": 2}'],
         capture_output=True,
         text=True,
         env=tool_env(),

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, run_snakemake
-from debian_packages import SYSTEM_PATH, Unavailable, ensure_packages
+from debian_packages import CHROMIUM, SYSTEM_PATH, Unavailable, ensure_packages
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -157,7 +157,7 @@ class Chromium:
 @pytest.fixture(scope="module")
 def chromium() -> str:
     try:
-        ensure_packages(["chromium"], ["chromium"])
+        ensure_packages(*CHROMIUM)
     except Unavailable as reason:
         pytest.skip(f"no headless Chromium: {reason}")
     return shutil.which("chromium", path=SYSTEM_PATH)

@@ -16,12 +16,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from debian_packages import Unavailable, ensure_packages
+from debian_packages import SLURM, Unavailable, ensure_packages
 
 # The plugin drops SLURM_CONF before `srun` inside a job, so the config must be at the default.
 CONF_DIR = Path("/etc/slurm")
-PACKAGES = ("slurm-wlm", "munge")
-COMMANDS = ("slurmctld", "slurmd", "sbatch", "srun", "squeue", "scancel", "munged", "munge")
 # GPUs of the test node. SLURM 22.05 drops count-only GPUs ("Removing file-less GPU"), so each
 # is backed by a stand-in character device (/dev/null's numbers) that nothing opens.
 GPUS = 4
@@ -152,7 +150,7 @@ class LocalSlurm:
     def start(self) -> None:
         if os.geteuid() != 0:
             raise Unavailable("a local SLURM needs root (slurmd runs jobs as their user)")
-        ensure_packages(PACKAGES, COMMANDS)
+        ensure_packages(*SLURM)
         # (Zombies left by an earlier, killed run do not count.)
         running = subprocess.run(
             ["pgrep", "-x", "--runstates", "R,S,D,T", "slurmctld|slurmd"], capture_output=True

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
 import shutil
-import sys
 
 import pytest
 import yaml
@@ -82,9 +80,8 @@ def test_paper_scaling_study_shapes_every_job_for_slurm(tmp_path):
         else:
             assert resources["mpi"] == "srun"
             assert f"srun --ntasks={nodes} " in job
-            # One torchrun per task, of the interpreter Snakemake runs in (common.smk).
-            torchrun = f"--label {shlex.quote(sys.executable)} -m torch.distributed.run"
-            assert f"{torchrun} --nnodes={nodes} --nproc_per_node={per_node}" in job
+            # One torchrun per task (srun passes on the shell prefix's PATH: common.smk).
+            assert f"--label torchrun --nnodes={nodes} --nproc_per_node={per_node}" in job
             assert f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d" in job
     gpus = {name: int(s["nodes"]) * int(s["gres"].split(":")[1]) for name, s in shapes.items()}
     assert gpus == {

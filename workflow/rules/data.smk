@@ -18,7 +18,7 @@ rule generate_mini:
     params:
         settings=json.dumps(config["dataset"]["mini"], sort_keys=True),
     shell:
-        "python -m graphpar.data.mini --out $(dirname {output.manifest}) --settings {params.settings:q}"
+        "python -m graphpar.data.mini --out $(dirname {output.manifest}) --config-json {params.settings:q}"
         " --workers {threads} > {log} 2>&1"
 
 

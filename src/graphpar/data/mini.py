@@ -605,7 +605,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--config", help="YAML file: a workflow config (dataset.mini is used) or the mini section"
     )
-    parser.add_argument("--settings", help="JSON object of mini settings (overrides --config)")
+    parser.add_argument(
+        "--config-json", help="the mini settings as one JSON object (overrides --config)"
+    )
     parser.add_argument("--seed", type=int, help="override the seed")
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count(), help="worker processes (default: all CPUs)"
@@ -613,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     try:
-        settings = load_settings(args.config, args.settings)
+        settings = load_settings(args.config, args.config_json)
         if args.seed is not None:
             settings["seed"] = args.seed
         config = MiniConfig.from_dict(settings)

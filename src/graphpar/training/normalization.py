@@ -3,6 +3,7 @@ normalised units while answering in physical ones (eV, eV/A)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
 import numpy as np
@@ -64,8 +65,11 @@ def normalization_stats(config: Mapping, dataset, task: str) -> dict[str, float]
 
 def build_normalized_model(config: Mapping, stats: Mapping[str, float]) -> Normalized:
     """The config's model around its statistics; the same initial weights on every rank (seeded
-    on the CPU, then moved)."""
+    on the CPU, then moved). NumPy's and Python's generators get the seed too: a checkpoint
+    saves all three (checkpoint.rng_state), so two runs of one config write the same bytes."""
     torch.manual_seed(config["seed"])
+    np.random.seed(config["seed"])
+    random.seed(config["seed"])
     args = dict(config["model_args"])
     if config["loss"]["force_coefficient"] == 0:
         args.setdefault("regress_forces", False)
