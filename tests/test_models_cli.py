@@ -3,7 +3,10 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import tool_env
+
+from graphpar.models.__main__ import main
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -23,8 +26,13 @@ def test_count_prints_the_parameter_count():
     assert lines[1].split()[:2] == ["dimenetpp-xl", "219,342,342"]
 
 
-def test_list_and_errors():
-    assert "dimenetpp-tiny" in run("--list").stdout
-    result = run("--count", "dimenetpp-xxl")
-    assert result.returncode == 2 and "unknown configuration" in result.stderr
-    assert run("--help").returncode == 0
+def test_list_and_errors(capsys):
+    """The same main() in this process (the module's own start is tested above)."""
+    main(["--list"])
+    assert "dimenetpp-tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        main(["--count", "dimenetpp-xxl"])
+    assert stop.value.code == 2 and "unknown configuration" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0 and "--count" in capsys.readouterr().out

@@ -155,7 +155,8 @@ def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_
     config_file = workdir / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     config["train"]["dimenetpp"]["nodes"] = 2
-    config_file.write_text(yaml.safe_dump(config))
+    # In the file's order: gemnet's checkpoint, which saves its config, then has the local bytes.
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     started = time.monotonic()
     result = run_on_slurm(workdir, site_settings(tmp_path, train_nodes=1), *SLURM_TARGETS)
