@@ -44,7 +44,13 @@ from graphpar.data.dataset import collate
 from graphpar.io import write_json
 from graphpar.parallel import gather_world, get_dims, is_main, leave_processes, setup_processes
 from graphpar.provenance import git_commit, package_versions, sha256_file
-from graphpar.training.config import TrainingError, config_hash, load_config
+from graphpar.training.config import (
+    TrainingError,
+    add_config_arguments,
+    config_hash,
+    config_source,
+    load_config,
+)
 from graphpar.training.data import batch_sampler, model_facts, open_datasets
 from graphpar.training.ema import EMA
 from graphpar.training.normalization import build_normalized_model
@@ -175,17 +181,14 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="the run's training config (YAML file)")
-    source.add_argument("--config-json", help="the run's training config as one JSON string")
+    add_config_arguments(parser)
     # (No --run: torchrun would take it for an abbreviation of its own --run-path.)
     parser.add_argument("--out", required=True, type=Path, help="the result: <run>.json")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first")
     parser.add_argument("--steps", type=int, default=10, help="measured steps")
     args = parser.parse_args(argv)
     try:
-        config = json.loads(args.config_json) if args.config_json else args.config
-        result = measure(config, args.out.stem, args.warmup, args.steps)
+        result = measure(config_source(args), args.out.stem, args.warmup, args.steps)
     except TrainingError as error:
         sys.exit(f"graphpar.scaling: {error}")
     try:

@@ -8,6 +8,7 @@ names that tests/test_train.py compares with the real constructors.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
@@ -24,7 +25,9 @@ __all__ = [
     "MODEL_ARGUMENTS",
     "RUNTIME_KEYS",
     "TrainingError",
+    "add_config_arguments",
     "config_hash",
+    "config_source",
     "load_config",
 ]
 
@@ -168,6 +171,27 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
         raise TrainingError(f"{where}: both loss coefficients are 0: nothing to train")
     if config["task"] == "is2re" and loss["force_coefficient"] > 0:
         raise TrainingError(f"{where}: task is2re has no force labels: set force_coefficient 0")
+    return config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config (a YAML file) or --config-json (one JSON object, what the workflow's rules pass):
+    the flags of every CLI that takes a training config (graphpar.training.train, scaling)."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the training config (YAML file)")
+    source.add_argument("--config-json", help="the training config as one JSON object")
+
+
+def config_source(args: argparse.Namespace) -> Path | dict:
+    """What load_config reads from add_config_arguments' flags."""
+    if args.config_json is None:
+        return args.config
+    try:
+        config = json.loads(args.config_json)
+    except json.JSONDecodeError as error:
+        raise TrainingError(f"--config-json is not JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise TrainingError("--config-json is not a JSON object")
     return config
 
 

@@ -55,7 +55,12 @@ from graphpar.training.checkpoint import (
     read_resumable,
     write_checkpoint,
 )
-from graphpar.training.config import TrainingError, load_config
+from graphpar.training.config import (
+    TrainingError,
+    add_config_arguments,
+    config_source,
+    load_config,
+)
 from graphpar.training.data import TrainingData, batch_sampler, epoch_batches
 from graphpar.training.ema import EMA
 from graphpar.training.normalization import build_normalized_model, normalization_stats
@@ -268,14 +273,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="training config (YAML file)")
-    source.add_argument("--config-json", help="training config as one JSON string (Snakemake)")
+    add_config_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="run folder (resumed if present)")
     args = parser.parse_args(argv)
-    config = json.loads(args.config_json) if args.config_json else args.config
     try:
-        train(config, args.out)
+        train(config_source(args), args.out)
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
