@@ -26,6 +26,7 @@ from conftest import tool_env
 
 from graphpar.data.dataset import BalancedBatchSampler
 from graphpar.data.lmdb import ShardedLmdb, ShardWriter, write_metadata
+from graphpar.scaling import tensor_bytes
 from graphpar.training.checkpoint import read_checkpoint
 from graphpar.training.config import (
     TrainingError,
@@ -396,15 +397,6 @@ def test_scaling_measures_the_trainers_step(data, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     provenance = json.loads(out.read_text())["provenance"]
-
-    def tensor_bytes(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(tensor_bytes(v) for v in value.values())
-        if isinstance(value, list | tuple):
-            return sum(tensor_bytes(v) for v in value)
-        return 0
 
     assert len(losses) == 4 and provenance["losses"] == pytest.approx(losses, rel=1e-12)
     optimizer_bytes = tensor_bytes(trained["optimizer"]["state"])

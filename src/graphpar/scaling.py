@@ -145,8 +145,8 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
             "flops_per_step_per_rank": flops_per_rank,
             "peak_memory_mb_per_rank": memory,
             # What the trainer keeps besides the weights (tests/test_train.py pins these).
-            "optimizer_state_bytes": _tensor_bytes(optimizer.state_dict()["state"]),
-            "ema_state_bytes": 0 if ema is None else _tensor_bytes(ema.shadow),
+            "optimizer_state_bytes": tensor_bytes(optimizer.state_dict()["state"]),
+            "ema_state_bytes": 0 if ema is None else tensor_bytes(ema.shadow),
             "losses": losses,
             "flops_counted_by": "torch.utils.flop_counter.FlopCounterMode, one step per rank",
             "memory_measured_by": (
@@ -164,14 +164,14 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     }
 
 
-def _tensor_bytes(value) -> int:
+def tensor_bytes(value) -> int:
     """Bytes of the tensors in a nested structure of dicts, lists and tuples."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):
-        return sum(_tensor_bytes(item) for item in value.values())
+        return sum(tensor_bytes(item) for item in value.values())
     if isinstance(value, list | tuple):
-        return sum(_tensor_bytes(item) for item in value)
+        return sum(tensor_bytes(item) for item in value)
     return 0
 
 
