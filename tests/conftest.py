@@ -118,6 +118,31 @@ def float64_batch(atoms_list, cutoff: float = 6.0, max_neighbors: int = 50):
     return batch
 
 
+def bad_structure(problem: str):
+    """Two Cu atoms in a 4 A cubic periodic cell with one `problem` that leaves no graph to build
+    (graphpar.data.graph.check_structure): "no atoms", "atomic number 0", "atomic number 119",
+    "negative atomic number", "NaN position", "position beyond float32", "infinite cell",
+    "zero periodic vector" or "singular cell"."""
+    import numpy as np
+    from ase import Atoms
+
+    if problem == "no atoms":
+        return Atoms(cell=4.0 * np.eye(3), pbc=True)
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.3, 1.3, 0.3]], cell=4.0 * np.eye(3), pbc=True)
+    attribute, index, value = {
+        "atomic number 0": ("numbers", 1, 0),
+        "atomic number 119": ("numbers", 1, 119),
+        "negative atomic number": ("numbers", 1, -1),
+        "NaN position": ("positions", (1, 0), np.nan),
+        "position beyond float32": ("positions", (1, 2), 1e39),
+        "infinite cell": ("cell", (2, 2), np.inf),
+        "zero periodic vector": ("cell", 2, 0.0),
+        "singular cell": ("cell", 2, [4.0, 4.0, 0.0]),
+    }[problem]
+    getattr(atoms, attribute)[index] = value
+    return atoms
+
+
 def copy_test_workdir(destination: Path) -> Path:
     """A fresh working directory holding the tiny test config (.test/config/)."""
     shutil.copytree(REPO / ".test", destination)

@@ -8,9 +8,10 @@ import torch
 from ase.build import add_adsorbate, fcc111
 from ase.constraints import FixAtoms
 from ase.optimize import BFGS
-from conftest import float64_batch
+from conftest import bad_structure, float64_batch
 
 from graphpar.calculator import GraphparCalculator, graph_settings
+from graphpar.data.graph import StructureError
 from graphpar.models import build_model
 from graphpar.training.checkpoint import CHECKPOINT_FORMAT, rng_state
 from graphpar.training.config import config_hash, load_config
@@ -98,6 +99,24 @@ def test_ase_bfgs_runs(model):
     np.testing.assert_array_equal(atoms.positions[fixed], start[fixed])
     assert not np.allclose(atoms.positions[~fixed], start[~fixed])
     assert np.isfinite(atoms.get_potential_energy())
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("NaN position", r"structure Cu2: atom 1 has position \[nan, 1\.3, 0\.3\], not finite"),
+        ("singular cell", r"structure Cu2: cell .* is singular along its periodic directions"),
+        ("atomic number 0", "atom 1 has atomic number 0, not in 1..118"),
+    ],
+)
+def test_structure_without_a_graph_is_a_clear_error(model, problem, message):
+    """A ValueError naming the structure and the value (before: torch's `linalg.inv` or `upper
+    bound and lower bound inconsistent` tracebacks, or an energy for element 0)."""
+    atoms = bad_structure(problem)
+    atoms.calc = GraphparCalculator.from_model(model)
+    with pytest.raises(StructureError, match=message) as error:
+        atoms.get_potential_energy()
+    assert isinstance(error.value, ValueError)
 
 
 def write_checkpoint(path, model: Normalized, graph) -> None:

@@ -10,11 +10,12 @@ from ase.build import add_adsorbate, fcc111
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.neighborlist import neighbor_list
-from conftest import DATA
+from conftest import DATA, bad_structure
 from torch_geometric.data import Batch
 
 from graphpar.data.graph import (
     TRIPLET_FIELDS,
+    StructureError,
     atoms_to_sample,
     attach_triplets,
     dimenet_triplets,
@@ -346,3 +347,33 @@ def test_atoms_to_sample_fields():
     for name in ("idx_kj", "idx_ji", "id3_ba", "id3_ca", "id_swap", "edge_index_sym"):
         assert sample[name].dtype == torch.int64
     assert "energy" not in atoms_to_sample(slab([1, 1, 1]), triplets=False)
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("no atoms", "no atoms"),
+        ("atomic number 0", "atom 1 has atomic number 0, not in 1..118"),
+        ("atomic number 119", "atom 1 has atomic number 119, not in 1..118"),
+        ("negative atomic number", "atom 1 has atomic number -1, not in 1..118"),
+        ("NaN position", r"Cu2: atom 1 has position \[nan, 1\.3, 0\.3\], not finite"),
+        ("position beyond float32", r"Cu2: atom 1 has position \[1\.3, 1\.3, 1e\+39\], not finite"),
+        ("infinite cell", r"Cu2: cell .*inf.* is not finite in float32"),
+        ("singular cell", r"Cu2: cell .* is singular along its periodic directions"),
+        ("zero periodic vector", r"Cu2: cell .* is singular .*\[True, True, True\]"),
+    ],
+)
+def test_structure_without_a_graph_is_a_clear_error(problem, message):
+    """Refused before any tensor is built (before: stored, an IndexError in a model, torch's
+    `linalg.inv` or `upper bound and lower bound inconsistent`)."""
+    with pytest.raises(StructureError, match=message):
+        atoms_to_sample(bad_structure(problem))
+
+
+def test_non_periodic_directions_may_have_no_cell_vector():
+    """A molecule without a cell and a slab stored with a zero c vector are fine."""
+    molecule = Atoms("CO", positions=[[0, 0, 0], [0, 0, 1.13]])
+    assert atoms_to_sample(molecule, triplets=False).edge_index.shape[1] == 2
+    flat = slab([1, 1, 0])
+    flat.cell[2] = 0.0
+    assert atoms_to_sample(flat, triplets=False).edge_index.shape[1] > 0

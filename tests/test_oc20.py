@@ -507,6 +507,30 @@ def test_split_without_files_is_an_error(tmp_path):
     assert list((tmp_path / "root").iterdir()) == []
 
 
+def test_archive_inside_a_split_directory_is_refused(s2ef_tar, tmp_path):
+    """Before: the split directory was replaced, deleting the archive in it."""
+    root = tmp_path / "root"
+    tar_path = root / "s2ef" / "val_id" / s2ef_tar.name
+    tar_path.parent.mkdir(parents=True)
+    tar_path.write_bytes(s2ef_tar.read_bytes())
+    with pytest.raises(oc20.ExtractError, match=r"lies in \S*val_id, which extraction replaces"):
+        oc20.extract(toy_s2ef_archive(), tar_path, root, progress=False)
+    assert tar_path.read_bytes() == s2ef_tar.read_bytes()
+    assert sorted(p.name for p in root.rglob("*")) == ["s2ef", s2ef_tar.name, "val_id"]
+
+
+def test_corrupt_xz_member_is_named_when_counting(tmp_path):
+    members = s2ef_members()
+    name = "s2ef_val_id/s2ef_val_id/1.txt.xz"
+    members[name] = members[name][: len(members[name]) // 2]
+    tar_path = make_tar(tmp_path / "bad.tar", members)
+    with pytest.raises(
+        oc20.ExtractError, match=r"split val_id: cannot count entries: \S*1\.txt\.xz: truncated"
+    ):
+        oc20.extract(toy_s2ef_archive(), tar_path, tmp_path / "root", progress=False)
+    assert list((tmp_path / "root").iterdir()) == []
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decompress_leaves_identical_uncompressed_files(s2ef_tar, tmp_path, threads):
     root = tmp_path / "root"

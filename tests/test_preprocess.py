@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import lzma
 import pickle
+import re
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import ase.io
 import lmdb
 import numpy as np
 import pytest
 import torch
-from conftest import tool_env
+from ase.build import bulk
+from conftest import bad_structure, tool_env
 from torch.utils.data import DataLoader
 
 from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
 from graphpar.data.graph import TRIPLET_FIELDS, atoms_to_sample, edge_vectors
 from graphpar.data.lmdb import iter_pyg_lmdb
-from graphpar.data.mini import SPLITS, MiniConfig, generate
-from graphpar.preprocess import PreprocessError, preprocess, read_txt
+from graphpar.data.mini import SPLITS, MiniConfig, generate, write_is2re_split, write_s2ef_file
+from graphpar.io import CorruptFileError, count_lines, replace_directory
+from graphpar.preprocess import PreprocessError, main, preprocess, read_txt
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -150,6 +155,23 @@ def test_sample_order_does_not_depend_on_the_number_of_workers(raw, processed):
     assert len(set(order)) == len(order)
 
 
+def test_dataset_identity_is_its_content_and_energies_say_their_reference(raw, processed, tmp_path):
+    """metadata.json's content_sha256 (what checkpoints record of their data) is the same for
+    one worker and two, and changes with any stored value; energy_reference says what the
+    energies are."""
+    options = {"ref_energy": True, "store_triplets": "always", "progress": False}
+    one = preprocess(raw / "s2ef" / "train", tmp_path / "one", workers=1, **options)
+    two = LmdbDataset(processed / "s2ef").metadata
+    assert one["content_sha256"] == two["content_sha256"]
+    assert one["energy_reference"] == "adsorption"
+    total = preprocess(
+        raw / "s2ef" / "train", tmp_path / "total", **{**options, "ref_energy": False}
+    )
+    assert total["energy_reference"] == "total"
+    assert total["content_sha256"] != one["content_sha256"]  # other energies, other identity
+    assert LmdbDataset(processed / "is2re").metadata["energy_reference"] == "adsorption"
+
+
 def per_structure_quantities(batch):
     """Model-free sums per structure over edges and both triplet families."""
     structures = int(batch.num_graphs)
@@ -237,6 +259,168 @@ def test_truncated_xz_is_a_clear_error(raw, tmp_path):
     with pytest.raises(PreprocessError, match="0.extxyz.xz"):
         preprocess(bad, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def mini_system(atoms, sid: int) -> dict:
+    """`atoms` as one system of the mini generator (a single frame), for its writers."""
+    frame = {"positions": atoms.positions, "energy": -1.0, "forces": np.zeros((len(atoms), 3))}
+    return {
+        "spec": SimpleNamespace(sid=sid),
+        "sid": sid,
+        "numbers": atoms.numbers,
+        "cell": np.asarray(atoms.cell),
+        "tags": atoms.get_tags(),
+        "fixed": np.zeros(len(atoms), dtype=bool),
+        "reference_energy": 0.0,
+        "frames": [frame],
+    }
+
+
+def write_s2ef(directory: Path, structures) -> Path:
+    """An S2EF directory of one file pair, 0.extxyz.xz + 0.txt.xz: a frame per structure."""
+    directory.mkdir(parents=True)
+    systems = [mini_system(atoms, sid) for sid, atoms in enumerate(structures)]
+    write_s2ef_file(directory / "0", [(system, 0, system["frames"][0]) for system in systems])
+    return directory
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under `root` with its bytes (None for a directory)."""
+    return {p: None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("no atoms", "the structure has no atoms"),
+        ("atomic number 0", "atom 1 has atomic number 0, not in 1..118"),
+        ("NaN position", r"atom 1 has position \[nan, 1\.3, 0\.3\], not finite"),
+        ("singular cell", r"cell .* is singular along its periodic directions"),
+    ],
+)
+def test_s2ef_frame_without_a_graph_is_refused_naming_file_and_frame(tmp_path, problem, message):
+    """Before: stored (and counted), or torch tracebacks without the file."""
+    source = write_s2ef(tmp_path / "in", [bulk("Cu", cubic=True), bad_structure(problem)])
+    with pytest.raises(
+        PreprocessError, match=rf"0\.extxyz\.xz: frame 1 \(sid 1, fid 0\): .*{message}"
+    ):
+        preprocess(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("number", [119, -1])
+def test_lmdb_atomic_number_out_of_range_is_refused_naming_file_and_sample(tmp_path, number):
+    systems = [mini_system(bulk("Cu", cubic=True), sid) for sid in range(2)]
+    systems[1]["numbers"] = np.array([29, 29, number, 29])
+    source = tmp_path / "data.lmdb"
+    write_is2re_split(systems, source)
+    with pytest.raises(
+        PreprocessError, match=rf"data\.lmdb: sample 1: .*atom 2 has atomic number {number}, not"
+    ):
+        preprocess(source, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("cut", "reason"), [(10, "Frame has 2 atoms, expected 4"), (7, "")])
+def test_cli_truncated_extxyz_is_one_line_naming_file_and_frame(tmp_path, cut, reason):
+    """Cut inside frame 1's atoms (an XYZError before) or its header (a RuntimeError)."""
+    source = write_s2ef(tmp_path / "in", [bulk("Cu", cubic=True)] * 3)
+    xyz = source / "0.extxyz.xz"
+    lines = lzma.decompress(xyz.read_bytes()).decode().splitlines(keepends=True)
+    xyz.write_bytes(lzma.compress("".join(lines[:cut]).encode()))  # frame 0 has 6 lines
+    with pytest.raises(
+        SystemExit, match=rf"^error: \S*0\.extxyz\.xz: frame 1: cannot read.*{reason}"
+    ):
+        main(["--input", str(source), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_cli_corrupt_txt_xz_is_one_line_naming_the_file(tmp_path, damage):
+    """Before: an LZMAError or EOFError traceback from count_lines."""
+    source = write_s2ef(tmp_path / "in", [bulk("Cu", cubic=True)] * 3)
+    txt = source / "0.txt.xz"
+    data = bytearray(txt.read_bytes())
+    middle = len(data) // 2
+    if damage == "flipped":
+        data[middle : middle + 4] = bytes(byte ^ 0xFF for byte in data[middle : middle + 4])
+    else:
+        del data[middle:]
+    txt.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=rf"^{re.escape(str(txt))}: truncated or corrupt"):
+        count_lines(txt)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(txt))}: truncated or corrupt"):
+        main(["--input", str(source), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["the input", "its parent", "inside it"])
+def test_output_overlapping_the_input_is_refused(tmp_path, where):
+    """Before: `--out` = the input deleted the input, `--out` = its parent the siblings."""
+    source = write_s2ef(tmp_path / "data" / "in", [bulk("Cu", cubic=True)])
+    (tmp_path / "data" / "sibling.txt").write_text("keep me")
+    out = {"the input": source, "its parent": source.parent, "inside it": source / "lmdb"}[where]
+    before = snapshot(tmp_path)
+    with pytest.raises(
+        PreprocessError,
+        match=rf"^output {re.escape(str(out))} overlaps input {re.escape(str(source))}",
+    ):
+        preprocess(source, out, progress=False)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("foreign", ["directory", "other metadata.json", "file"])
+def test_foreign_output_is_refused_and_untouched(tmp_path, foreign):
+    source = write_s2ef(tmp_path / "in", [bulk("Cu", cubic=True)])
+    out = tmp_path / "out"
+    if foreign == "file":
+        out.write_text("mine")
+    else:
+        out.mkdir()
+        name = "metadata.json" if foreign == "other metadata.json" else "notes.txt"
+        (out / name).write_text('{"length": 3}')
+    before = snapshot(tmp_path)
+    with pytest.raises(PreprocessError, match=rf"^output {re.escape(str(out))} exists and is not"):
+        preprocess(source, out, progress=False)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing", ["graphpar dataset", "empty directory"])
+def test_graphpar_dataset_or_empty_output_is_replaced(tmp_path, existing):
+    source = write_s2ef(tmp_path / "in", [bulk("Cu", cubic=True)])
+    out = tmp_path / "out"
+    if existing == "graphpar dataset":
+        preprocess(source, out, progress=False)
+        (out / "stale.txt").write_text("from an older run")
+    else:
+        out.mkdir()
+    assert preprocess(source, out, progress=False)["length"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [
+        "data.0000.lmdb",
+        "metadata.json",
+        "metadata.npz",
+    ]
+
+
+def test_replace_directory_never_deletes_what_it_must_keep(tmp_path):
+    """The last guard of every writer: a target that holds a kept path or the source itself."""
+    kept = tmp_path / "data" / "in"
+    kept.mkdir(parents=True)
+    new = tmp_path / "new"
+    new.mkdir()
+    staged = tmp_path / "data" / "staged"
+    staged.mkdir()
+    before = snapshot(tmp_path)
+    data = re.escape(str(tmp_path / "data"))
+    with pytest.raises(
+        ValueError, match=rf"refusing to replace {data}: it holds {re.escape(str(kept))}"
+    ):
+        replace_directory(new, tmp_path / "data", keep=[kept])
+    with pytest.raises(
+        ValueError, match=rf"refusing to replace {data}: it holds {re.escape(str(staged))}"
+    ):
+        replace_directory(staged, tmp_path / "data")
+    assert snapshot(tmp_path) == before
 
 
 class Exploit:

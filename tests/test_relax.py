@@ -142,15 +142,16 @@ def test_float32_model_float64_state(systems):
 class Recorder(torch.nn.Module):
     """Wraps a model: counts calls, records system counts, checks the graph it is given."""
 
-    def __init__(self, model, cutoff: float = 6.0, max_neighbors: int = 50):
+    def __init__(self, model, cutoff: float = 6.0, max_neighbors: int = 50, check_graph=True):
         super().__init__()
         self.model = model
         self.calls = 0
         self.sizes: list[int] = []
         self.cutoff, self.max_neighbors = cutoff, max_neighbors
+        self.check_graph = check_graph  # within one batch's relaxation only
 
     def forward(self, batch):
-        if self.calls and self.sizes[-1] == batch.natoms.numel():
+        if self.check_graph and self.calls and self.sizes[-1] == batch.natoms.numel():
             edge_index, cell_offsets, _ = radius_graph_batch(
                 batch.pos, batch.cell, batch.pbc, batch.natoms, self.cutoff, self.max_neighbors
             )
@@ -185,9 +186,9 @@ def test_relax_dataset_resume(tmp_path):
         sample.sid = torch.tensor(100 + sid)
         samples.append(sample)
     options = {"fmax": FMAX, "steps": 15, "dtype": torch.float64, "progress": False}
-    first = relax_dataset(
-        emt_model(), samples, tmp_path, batch_size=2, save_trajectory=True, **options
-    )
+    # A Recorder throughout: the relaxations are the model's (and its wrapper's) own.
+    model = Recorder(emt_model(), check_graph=False)
+    first = relax_dataset(model, samples, tmp_path, batch_size=2, save_trajectory=True, **options)
     assert [s["sid"] for s in first] == ["100", "101", "102", "103"]
     for summary in first:
         atoms = ase.io.read(tmp_path / f"{summary['sid']}.extxyz")
@@ -214,6 +215,50 @@ def test_relax_dataset_resume(tmp_path):
     recorder = Recorder(emt_model())
     relax_dataset(recorder, samples, tmp_path, batch_size=2, **options)
     assert recorder.calls == 0
+
+
+def tiny_model(seed: int):
+    """dimenetpp-tiny with weights perturbed from seed `seed`, float64."""
+    from graphpar.models import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("dimenetpp-tiny").double()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return model
+
+
+def test_relaxations_of_another_model_or_setting_are_relaxed_again(systems, tmp_path, capsys):
+    """A folder relaxed by one model is never credited to another: every system is relaxed again
+    (and said so) when the weights or a setting differ, and resumed only when both are equal."""
+    graph = {"cutoff": 4.0, "max_neighbors": 6}  # small graphs: a cheap test
+    samples = [atoms_to_sample(atoms, **graph) for atoms in systems[:2]]
+    for sid, sample in enumerate(samples):
+        sample.sid = torch.tensor(sid)
+    options = {"fmax": FMAX, "steps": 1, "dtype": torch.float64, "progress": False, **graph}
+    first, second = tiny_model(0), tiny_model(1)
+
+    def relax(model, folder, **changed):
+        recorder = Recorder(model, **graph)
+        found = relax_dataset(recorder, samples, tmp_path / folder, 2, **{**options, **changed})
+        return recorder.calls, found
+
+    relax(first, "a")
+    assert relax(first, "a")[0] == 0  # the same relaxation: resumed, nothing to do
+    assert "relaxing them again" not in capsys.readouterr().err
+
+    calls, into_used = relax(second, "a")
+    assert calls == 2  # both systems, 1 step
+    assert "2 relaxed structure(s)" in capsys.readouterr().err
+    for used, clean in zip(into_used, relax(second, "b")[1], strict=True):
+        assert used["energy"] == clean["energy"]
+        np.testing.assert_array_equal(
+            ase.io.read(used["path"]).positions, ase.io.read(clean["path"]).positions
+        )
+
+    assert relax(second, "a", fmax=0.04)[0] == 2  # another setting: relaxed again
+    assert "relaxing them again" in capsys.readouterr().err
 
 
 def test_runs_a_graphpar_model(systems):

@@ -180,10 +180,43 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     assert not (tmp_path / "killed" / "final.pt").exists()
     resumed = train(config, tmp_path / "killed")
     assert "resumed from" in (tmp_path / "killed.log").read_text()
+    assert "took over the lock of process" in (tmp_path / "killed.log").read_text()
     assert_equal(weights(resumed), weights(reference))
     assert resumed["optimizer"]["state"].keys() == reference["optimizer"]["state"].keys()
     steps = [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").open()]
     assert steps == [json.loads(x)["step"] for x in (tmp_path / "reference/metrics.jsonl").open()]
+
+
+def test_one_run_per_folder_and_a_resumed_run_refuses_replaced_data(data, tmp_path):
+    """A second training on a held run folder is refused (nothing written); a resumed run
+    refuses a dataset replaced at the same path (naming both identities) unless told, and
+    clears the temporaries a killed run left."""
+    import shutil
+
+    from graphpar.lock import folder_lock
+    from graphpar.training import train as trainer
+
+    shutil.copytree(data["train"], tmp_path / "train")
+    config = run_config({**data, "train": str(tmp_path / "train")}, max_steps=2, val=None)
+    out = tmp_path / "run"
+    try:
+        with folder_lock(out, "training"), pytest.raises(TrainingError, match="in use by another"):
+            trainer.train(config, out)
+        assert sorted(p.name for p in out.iterdir()) == []  # its lock released, nothing written
+        trainer.train(config, out)
+
+        shutil.rmtree(tmp_path / "train")
+        shutil.copytree(data["val"], tmp_path / "train")  # other systems, at the same path
+        left = out / ".checkpoint.pt.tmp-abc123"
+        left.write_bytes(b"half a checkpoint")
+        longer = dict(config, max_steps=3)
+        with pytest.raises(TrainingError, match=r"is not the data .* \(identity \w{16} in the"):
+            trainer.train(longer, out)
+        assert not left.exists()
+        assert trainer.train(longer, out, allow_data_mismatch=True).name == "final.pt"
+        assert read_checkpoint(out / "final.pt")["step"] == 3
+    finally:
+        trainer.log.handlers.clear()  # log_to's handlers on this run's train.log
 
 
 def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, tmp_path):
@@ -404,3 +437,72 @@ def test_scaling_measures_the_trainers_step(data, tmp_path):
     assert optimizer_bytes >= 3 * weight_bytes  # exp_avg, exp_avg_sq and amsgrad's max
     assert provenance["optimizer_state_bytes"] == optimizer_bytes
     assert provenance["ema_state_bytes"] == weight_bytes
+
+
+def test_model_argument_types_match_the_constructors():
+    """`model_args` values are checked against a static table of the constructors' annotations:
+    it matches them, and each constructor default passes the check."""
+    import inspect
+
+    from graphpar.models import MODELS
+    from graphpar.training.config import MODEL_ARGUMENT_TYPES
+
+    checked = set()
+    for name, (factory, _) in MODELS.items():
+        parameters = inspect.signature(factory).parameters
+        assert MODEL_ARGUMENT_TYPES[name] == {k: str(p.annotation) for k, p in parameters.items()}
+        if factory in checked:
+            continue
+        checked.add(factory)
+        for argument, parameter in parameters.items():
+            config = {"model": name, "train": ["x"], "max_steps": 1}
+            load_config(dict(config, model_args={argument: parameter.default}))
+
+
+def test_model_args_errors_name_the_key_and_the_nearest_argument():
+    base = {"model": "gemnet-tiny", "train": ["x"], "max_steps": 1}
+    refused = {
+        "unknown model_args emb_size_atoms for model gemnet-tiny (did you mean emb_size_atom?)": {
+            "emb_size_atoms": 8
+        },
+        "unknown model_args cutof, num_blokcs for model gemnet-tiny (did you mean cutoff for "
+        "cutof, num_blocks for num_blokcs?)": {"cutof": 5.0, "num_blokcs": 2},
+        "model_args.cutoff is 'six', not float (model gemnet-tiny)": {"cutoff": "six"},
+        "model_args.num_blocks is 2.5, not int": {"num_blocks": 2.5},
+        "model_args.num_blocks is True, not int": {"num_blocks": True},
+        "model_args.direct_forces is 1, not bool": {"direct_forces": 1},
+        "model_args.rbf is 'gaussian', not Mapping | None": {"rbf": "gaussian"},
+    }
+    for message, model_args in refused.items():
+        with pytest.raises(TrainingError, match=re.escape(f"training config: {message}")):
+            load_config(dict(base, model_args=model_args))
+    load_config(dict(base, model_args={"cutoff": 6, "rbf": {"name": "gaussian"}, "cbf": None}))
+
+
+def test_layout_is_checked_by_load_config_with_the_launchs_message(monkeypatch):
+    """One check of G, D, world size and batch: the trainer's at launch (setup_processes), and
+    load_config's on the G x D launch that a set dp_size asks for (the workflow's, at parse
+    time); with dp_size null only the launch knows D."""
+    from graphpar.parallel.launch import setup_processes
+    from graphpar.training.config import layout_error
+
+    base = {"model": "dimenetpp-tiny", "train": ["x"], "max_steps": 1}
+    with pytest.raises(
+        TrainingError, match="^training config: batch_size 4 is not a multiple of D = 3$"
+    ):
+        load_config(dict(base, gp_size=2, dp_size=3, batch_size=4))
+    config = load_config(dict(base, gp_size=2, batch_size=3))  # D = world size / 2
+    assert layout_error(config, 2) is None
+    assert layout_error(config, 4) == "batch_size 3 is not a multiple of D = 2"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(TrainingError, match="^batch_size 3 is not a multiple of D = 2$"):
+        setup_processes(config)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(TrainingError, match="^gp_size 2 does not divide the world size 3: "):
+        setup_processes(config)
+    config = load_config(dict(base, gp_size=2, dp_size=2, batch_size=4))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        TrainingError, match=r"asks for G x D = 2 x 2 processes, torchrun started 2"
+    ):
+        setup_processes(config)

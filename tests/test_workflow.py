@@ -178,6 +178,95 @@ def test_bad_config_stops_with_the_key_named(tmp_path, edit, named):
     assert not (workdir / "resources").exists()
 
 
+def dry_run_error(workdir: Path, config: dict) -> str | None:
+    """Parse the workflow on `config` and dry-run its DAG in this process, as `snakemake -n
+    --configfile` does in a fraction of its start-up: the error that stops it, or None."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import (
+        ConfigSettings,
+        OutputSettings,
+        Quietness,
+        ResourceSettings,
+    )
+
+    config_file = workdir / "config.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    try:
+        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+            parsed = api.workflow(
+                ResourceSettings(cores=1),
+                ConfigSettings(configfiles=[config_file]),
+                snakefile=REPO / "Snakefile",
+                workdir=workdir,
+            )
+            parsed.dag().execute_workflow(executor="dryrun")
+    except Exception as error:  # noqa: BLE001 (whatever stops the workflow, as the CLI shows it)
+        return str(error)
+    return None
+
+
+TINY_SPLITS = "known: val_id, val_ood_ads, test_ood_cat, test_ood_both"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        pytest.param(lambda c: None, None, id="tiny config"),
+        pytest.param(
+            lambda c: c["evaluate"].update(splits=["val_bogus"]),
+            f"config evaluate.splits: 'val_bogus' is not a val or test split of the mini "
+            f"dataset ({TINY_SPLITS})",
+            id="unknown eval split",
+        ),
+        pytest.param(
+            lambda c: c["evaluate"].update(splits=["val_id", "val_ood_cat"]),
+            "config evaluate.splits: 'val_ood_cat' is not a val or test split",  # 0 systems
+            id="eval split left out",
+        ),
+        pytest.param(
+            lambda c: c.update(train={}, evaluate={"splits": ["val_id"]}),
+            "config evaluate.splits: val_id, but no run of config train has task s2ef",
+            id="nothing to evaluate",
+        ),
+        pytest.param(
+            lambda c: c["train"]["dimenetpp"].update(model_args={"hiden_channels": 8}),
+            "config train.dimenetpp: training config: unknown model_args hiden_channels for "
+            "model dimenetpp-tiny (did you mean hidden_channels?)",
+            id="model_args name",
+        ),
+        pytest.param(
+            lambda c: c["train"]["gemnet"].update(model_args={"cutoff": "6"}),
+            "config train.gemnet: training config: model_args.cutoff is '6', not float",
+            id="model_args type",
+        ),
+        pytest.param(
+            lambda c: c["train"]["gemnet"].update(dp_size=3),  # batch_size 4
+            "config train.gemnet: training config: batch_size 4 is not a multiple of D = 3",
+            id="batch over D",
+        ),
+        pytest.param(
+            lambda c: c["scaling"].update(
+                runs={"x": {"model": "gemnet-tiny", "train": ["train"], "dp_size": 3}}
+            ),
+            "config scaling.runs.x: training config: batch_size 8 is not a multiple of D = 3",
+            id="scaling batch over D",
+        ),
+    ],
+)
+def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, message):
+    """Checks across keys, or against the dataset and the models, stop the workflow when it is
+    parsed, before any job, with one line naming the key and both values."""
+    config = yaml.safe_load((REPO / ".test" / "config" / "config.yaml").read_text())
+    config.setdefault("scaling", {})
+    edit(config)
+    error = dry_run_error(tmp_path, config)
+    if message is None:
+        assert error is None
+    else:
+        assert error is not None and message in error.splitlines()[0], error
+    assert not (tmp_path / "resources").exists()
+
+
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates_and_builds_its_dag(tmp_path, config_file):
     workdir = tmp_path / "run"

@@ -112,7 +112,9 @@ class GraphparCalculator(Calculator):
         properties: list[str] | None = None,
         system_changes: list[str] = all_changes,
     ) -> None:
-        """One model call on `atoms`; stores energy, free_energy and forces."""
+        """One model call on `atoms`; stores energy, free_energy and forces. A structure no
+        graph can be built for (no atoms, atomic numbers outside 1..118, non-finite positions,
+        a singular periodic cell) raises `graphpar.data.graph.StructureError`, a ValueError."""
         super().calculate(atoms, properties or ["energy"], system_changes)
         atoms = self.atoms
         # Triplets are left to the model, which builds the family it needs.

@@ -34,6 +34,7 @@ from graphpar.metrics import MetricSums
 from graphpar.provenance import checkpoint_provenance
 from graphpar.training.checkpoint import read_checkpoint, trained_model
 from graphpar.training.config import TrainingError
+from graphpar.training.data import check_checkpoint_data
 
 
 def evaluate_s2ef(
@@ -44,13 +45,17 @@ def evaluate_s2ef(
     predictions_path: Path | None = None,
     batch_size: int = 16,
     device: str = "cpu",
+    allow_data_mismatch: bool = False,
 ) -> dict:
     """S2EF metrics of `checkpoint` on the preprocessed split `data`; writes the metrics JSON
-    (and the predictions) atomically and returns the metrics."""
+    (and the predictions) atomically and returns the metrics. The split must have been
+    preprocessed as the checkpoint's training data (cutoff, max_neighbors, energy reference),
+    unless `allow_data_mismatch`."""
     state = read_checkpoint(checkpoint)
     model = trained_model(state, device)
     dtype = next(model.parameters()).dtype
     dataset = LmdbDataset(data, triplets=(model.model.triplet_family,))
+    check_checkpoint_data(state, checkpoint, dataset.metadata, data, allow=allow_data_mismatch)
     labelled = len(dataset) > 0 and "energy" in dataset[0] and "forces" in dataset[0]
     sums = MetricSums()
     ids, energies, forces, counts = [], [], [], []
@@ -133,9 +138,21 @@ def main(argv: list[str] | None = None) -> None:
     s2ef.add_argument("--predictions", type=Path, help="predictions .npz to write")
     s2ef.add_argument("--batch-size", type=int, default=16)
     s2ef.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    s2ef.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="evaluate even though the split was preprocessed with other settings (cutoff, "
+        "max_neighbors, energy reference) than the checkpoint's training data",
+    )
     args = parser.parse_args(argv)
     try:
-        options = (args.metrics, args.predictions, args.batch_size, args.device)
+        options = (
+            args.metrics,
+            args.predictions,
+            args.batch_size,
+            args.device,
+            args.allow_data_mismatch,
+        )
         metrics = evaluate_s2ef(args.checkpoint, args.data, args.split, *options)
     except (TrainingError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

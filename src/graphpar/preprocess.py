@@ -9,6 +9,11 @@ directory of `data.NNNN.lmdb` shards (one per worker) plus `metadata.json` / `me
     python -m graphpar.preprocess --input resources/mini/is2re/val_id/data.lmdb \\
         --out resources/mini/lmdb/is2re/val_id
 
+The output directory is written beside `--out` and replaces it at the end; an existing `--out`
+is replaced only if it is empty or a graphpar dataset, never if it is, holds or lies inside the
+input. Every structure is checked as it is read (atoms, atomic numbers 1..118, finite positions,
+a non-singular periodic cell); errors name the file and frame or sample, and nothing is written.
+
 Inputs, recognised by their contents:
 - an S2EF directory of `*.extxyz[.xz]` + `*.txt[.xz]` (read with ASE; `.xz` directly): total
   energies, and with `--ref-energy` the txt file's reference is subtracted (OC20's
@@ -26,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import lzma
 import multiprocessing
 import re
 import sys
@@ -38,25 +42,51 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import torch
+from ase.io.extxyz import XYZError
 from tqdm import tqdm
 
-from graphpar.data.graph import TRIPLET_FIELDS, atoms_to_sample, triplet_counts
+from graphpar.data.graph import (
+    TRIPLET_FIELDS,
+    StructureError,
+    atoms_to_sample,
+    check_structure,
+    triplet_counts,
+)
 from graphpar.data.lmdb import (
     LmdbFormatError,
     ShardWriter,
     UnsafePickleError,
+    encode_sample,
+    is_graphpar_dataset,
     iter_pyg_lmdb,
     pyg_lmdb_length,
+    sample_crc32,
     shard_name,
     write_metadata,
 )
-from graphpar.io import atomic_directory, count_lines, open_text_or_xz
+from graphpar.io import (
+    CorruptFileError,
+    atomic_directory,
+    contains,
+    count_lines,
+    read_text_or_xz,
+)
 
 # Errors that mean bad input: reported as one clear line naming the file (and sample).
-INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError)
+INPUT_ERRORS = (LmdbFormatError, UnsafePickleError, FileNotFoundError, CorruptFileError)
+# What ASE raises on a truncated or malformed extxyz frame (XYZError is an OSError; a file cut
+# inside a frame's header ends ASE's frame generator with a RuntimeError).
+EXTXYZ_ERRORS = (XYZError, ValueError, IndexError, KeyError, RuntimeError)
 TXT_LINE = re.compile(r"^random(\d+),frame(-?\d+),(\S+)$")
 # Per-sample arrays of metadata.npz: samplers balance on them without reading the shards.
-METADATA_ARRAYS = ("natoms", "num_edges", "num_triplets_dimenetpp", "num_triplets_gemnet")
+# crc32: each stored sample's checksum, from which write_metadata derives the dataset's identity.
+METADATA_ARRAYS = (
+    "natoms",
+    "num_edges",
+    "num_triplets_dimenetpp",
+    "num_triplets_gemnet",
+    "crc32",
+)
 
 
 class PreprocessError(RuntimeError):
@@ -94,33 +124,53 @@ def s2ef_file_pairs(directory: Path) -> list[tuple[Path, Path]]:
 def read_txt(path: Path) -> list[tuple[int, int, float]]:
     """(sid, fid, reference energy eV) per line of an OC20 S2EF txt file."""
     rows = []
-    with open_text_or_xz(path) as file:
-        for number, line in enumerate(file, start=1):
-            match = TXT_LINE.match(line.strip())
-            if not match:
-                raise PreprocessError(f"{path}:{number}: not 'random<sid>,frame<fid>,<energy>'")
-            rows.append((int(match[1]), int(match[2]), float(match[3])))
+    for number, line in enumerate(read_text_or_xz(path).splitlines(), start=1):
+        match = TXT_LINE.match(line.strip())
+        if not match:
+            raise PreprocessError(f"{path}:{number}: not 'random<sid>,frame<fid>,<energy>'")
+        rows.append((int(match[1]), int(match[2]), float(match[3])))
     return rows
+
+
+def read_extxyz(xyz: Path) -> list:
+    """Every frame (ase.Atoms) of an extxyz file; PreprocessError naming the file and the first
+    frame (0-based) that cannot be read, CorruptFileError for a corrupt `.xz` stream."""
+    # Decompress once into memory: ASE seeks between frames, and every seek in an xz stream
+    # decompresses from the start (quadratic; 60x slower on a 1000-frame file).
+    text = io.StringIO(read_text_or_xz(xyz))
+    frames = []
+    try:
+        for atoms in ase.io.iread(text, index=":", format="extxyz"):
+            frames.append(atoms)
+    except EXTXYZ_ERRORS as error:
+        raise PreprocessError(
+            f"{xyz}: frame {len(frames)}: cannot read (truncated or malformed?): {error}"
+        ) from error
+    return frames
+
+
+def checked(atoms, where: str):
+    """`atoms` if a graph can be built for it (`check_structure`), else PreprocessError naming
+    `where` (the file and frame or sample)."""
+    try:
+        check_structure(atoms)
+    except StructureError as error:
+        raise PreprocessError(f"{where}: {error}") from error
+    return atoms
 
 
 def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
     """(ase.Atoms, labels) for every frame of one extxyz file and its txt file."""
     rows = read_txt(txt)
-    try:
-        # Decompress once into memory: ASE seeks between frames, and every seek in an xz stream
-        # decompresses from the start (quadratic; 60x slower on a 1000-frame file).
-        with open_text_or_xz(xyz) as file:
-            text = io.StringIO(file.read())
-        frames = ase.io.read(text, index=":", format="extxyz")
-    except (lzma.LZMAError, EOFError, ValueError, IndexError) as error:
-        raise PreprocessError(f"{xyz}: cannot read: {error}") from error
+    frames = read_extxyz(xyz)
     if len(frames) != len(rows):
         raise PreprocessError(
             f"{xyz} has {len(frames)} frames but {txt.name} has {len(rows)} lines; "
             "they must match one to one"
         )
-    for atoms, (sid, fid, reference) in zip(frames, rows, strict=True):
-        yield atoms, {"sid": sid, "fid": fid, "reference_energy": reference}
+    for index, (atoms, (sid, fid, reference)) in enumerate(zip(frames, rows, strict=True)):
+        where = f"{xyz}: frame {index} (sid {sid}, fid {fid})"
+        yield checked(atoms, where), {"sid": sid, "fid": fid, "reference_energy": reference}
 
 
 # ---- one structure --------------------------------------------------------------------------
@@ -232,8 +282,9 @@ def read_items(input_format: str, items: list) -> Iterator[tuple[object, dict]]:
             yield from read_s2ef_pair(*item)
         else:
             path, start, stop = item
-            for _, attributes in iter_pyg_lmdb(path, start, stop):
-                yield pyg_to_atoms(attributes)
+            for index, attributes in iter_pyg_lmdb(path, start, stop):
+                atoms, labels = pyg_to_atoms(attributes)
+                yield checked(atoms, f"{path}: sample {index}"), labels
 
 
 def _worker(
@@ -246,7 +297,9 @@ def _worker(
         with ShardWriter(shard) as writer:
             for atoms, labels in read_items(input_format, items):
                 fields, row = build_sample(atoms, labels, options)
-                writer.append(fields)
+                blob = encode_sample(fields)
+                writer.append_encoded(blob)
+                row["crc32"] = sample_crc32(blob)
                 for name, value in row.items():
                     rows[name].append(value)
                 messages.put(("progress", rank, 1))
@@ -295,12 +348,39 @@ def _run_workers(input_format: str, work: list[list], tmp: Path, options: Option
             process.join()
 
 
+def energy_reference(input_format: str, items: list[list], ref_energy: bool) -> str | None:
+    """What the stored energies are: "adsorption" (relative to OC20's gas-phase references:
+    S2EF with --ref-energy, or IS2RE labels, which OC20 stores as adsorption energies),
+    "total" (S2EF as the DFT gave them), or None when the input does not say (an S2EF LMDB)."""
+    if input_format == "s2ef":
+        return "adsorption" if ref_energy else "total"
+    for _, labels in read_items(input_format, items[0]):
+        return "adsorption" if "energy_relaxed" in labels else None
+    return None
+
+
 def triplet_bytes(input_format: str, items: list[list], options: Options) -> int:
     """Stored size of the triplet fields of the first structure (for the `auto` budget)."""
     for atoms, labels in read_items(input_format, items[0]):
         fields, _ = build_sample(atoms, labels, options)
         return sum(fields[name].nbytes for names in TRIPLET_FIELDS.values() for name in names)
     return 0
+
+
+def check_output(source: Path, out: Path) -> None:
+    """Refuse (PreprocessError) an output directory whose replacement would lose data: the
+    input itself, one that holds the input or lies inside it, or an existing non-empty
+    directory (or a file) that is not a graphpar dataset."""
+    if contains(out, source) or contains(source, out):
+        raise PreprocessError(
+            f"output {out} overlaps input {source}: the output directory is replaced, so it must "
+            "lie outside the input and not hold it"
+        )
+    if out.exists() and not is_graphpar_dataset(out) and (not out.is_dir() or any(out.iterdir())):
+        raise PreprocessError(
+            f"output {out} exists and is not a graphpar dataset (no graphpar metadata.json); "
+            f"refusing to replace it with the preprocessed {source}: remove it or choose another"
+        )
 
 
 def preprocess(
@@ -318,11 +398,13 @@ def preprocess(
     """Preprocess `source` (S2EF directory or pickled-PyG LMDB) into the shard directory `out`.
 
     Returns the metadata written to `out/metadata.json`. Raises PreprocessError naming the bad
-    file (and sample) when an input is corrupt or inconsistent; `out` is then left untouched.
+    file (and sample) when an input is corrupt or inconsistent, or when `out` may not be
+    replaced (`check_output`); `out` is then left untouched.
     """
     source, out = Path(source), Path(out)
     if not source.exists():
         raise PreprocessError(f"input {source} does not exist")
+    check_output(source, out)
     if store_triplets not in ("auto", "always", "never"):
         raise PreprocessError(
             f"store_triplets must be auto, always or never, not {store_triplets!r}"
@@ -354,7 +436,7 @@ def preprocess(
         else:
             raise PreprocessError(payload)
 
-    with atomic_directory(out) as tmp, bar:
+    with atomic_directory(out, keep=[source]) as tmp, bar:
         if len(work) == 1:
             # One worker: run it here, no process to start.
             _worker(0, input_format, work[0], tmp / shard_name(0), options, Inline(receive))
@@ -370,6 +452,7 @@ def preprocess(
             "cutoff": cutoff,
             "max_neighbors": max_neighbors,
             "ref_energy": ref_energy,
+            "energy_reference": energy_reference(input_format, work, ref_energy),
             "triplets_stored": options.store_triplets,
         }
         metadata = write_metadata(tmp, info, arrays)

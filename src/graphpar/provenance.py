@@ -16,6 +16,9 @@ import importlib.metadata
 import subprocess
 from pathlib import Path
 
+from graphpar.data.lmdb import dataset_identity
+from graphpar.io import read_json
+
 # The packages whose versions a result records.
 PACKAGES = ("graphpar", "torch", "torch-geometric", "ase", "numpy")
 
@@ -76,7 +79,8 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
 
 def checkpoint_provenance(checkpoint: Path, state: dict, data: Path) -> dict:
     """Where a metrics file's numbers come from: the checkpoint (`state`: its contents, already
-    read) and its config hash, the preprocessed dataset `data`, this checkout and its packages."""
+    read) and its config hash, the preprocessed dataset `data` (its metadata's sha256 and its
+    content identity, `graphpar.data.lmdb.dataset_identity`), this checkout and its packages."""
     return {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
@@ -85,6 +89,7 @@ def checkpoint_provenance(checkpoint: Path, state: dict, data: Path) -> dict:
         "step": state["step"],
         "dataset": str(data),
         "dataset_metadata_sha256": sha256_file(data / "metadata.json"),
+        "dataset_identity": dataset_identity(read_json(data / "metadata.json")),
         "git_commit": git_commit(),
         "versions": package_versions(),
     }

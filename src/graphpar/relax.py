@@ -10,7 +10,9 @@ EwT) metrics, plus per-system predictions in OC20's submission layout.
 
 Relaxations (batched L-BFGS, maxstep 0.04, memory 50, damping 1, alpha 70, fmax 0.05, at most
 200 steps, graphs rebuilt every step as the model was trained) write `<out-dir>/<sid>.extxyz`
-per system and resume, skipping systems already relaxed. The metrics files are
+per system and resume, skipping systems already relaxed by this same relaxation (model weights,
+settings and input recorded in each file: another checkpoint's files are relaxed again); one
+job at a time holds `<out-dir>`. The metrics files are
 `is2rs_<split>.json` (adwt, fbt, afbt, n_systems) and `is2re_<split>.json` (energy_mae, ewt,
 n_systems), with provenance (checkpoint sha256, its config hash, the dataset's metadata hash, git
 commit, package versions); the predictions `is2rs_<split>.npz` (ids, free-atom pos, chunk_idx;
@@ -41,6 +43,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
+import inspect
+import json
 import os
 import sys
 from collections.abc import Iterable
@@ -56,13 +61,15 @@ from tqdm import tqdm
 from graphpar.calculator import graph_settings
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.data.graph import TRIPLET_FIELDS, radius_graph_batch
-from graphpar.io import atomic_path, write_json, write_npz
+from graphpar.io import atomic_path, remove_temporaries, write_json, write_npz
+from graphpar.lock import FolderLocked, main_rank_lock
 from graphpar.metrics import MetricSums, is2re_metrics
 from graphpar.oracle import fbt_afbt, oracle_max_forces
 from graphpar.parallel import get_dims, is_main, join_processes, leave_processes
 from graphpar.provenance import checkpoint_provenance
 from graphpar.training.checkpoint import read_checkpoint, trained_model
 from graphpar.training.config import TrainingError
+from graphpar.training.data import check_checkpoint_data
 
 # Batch fields derived from the graph; stale once atoms move (the models rebuild them if absent).
 TRIPLET_KEYS = tuple(key for keys in TRIPLET_FIELDS.values() for key in keys)
@@ -352,7 +359,63 @@ def _summary(path: Path) -> dict:
         "converged": bool(atoms.info["converged"]),
         "energy": float(atoms.get_potential_energy()),
         "path": str(path),
+        "relaxation": str(atoms.info.get("relaxation")),
     }
+
+
+def _previous(path: Path) -> dict | None:
+    """The summary of an earlier relaxation's file, None if there is none or it does not read
+    (a file of another program or version: relaxed again)."""
+    if not path.exists():
+        return None
+    try:
+        return _summary(path)
+    except (OSError, ValueError, KeyError, IndexError, RuntimeError):
+        return None
+
+
+def _digest(*parts) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            part = part.detach().cpu().contiguous()
+            digest.update(f"{part.dtype}{tuple(part.shape)}".encode())
+            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest
+
+
+def relaxation_ids(model, samples: list, options: dict, dtype: torch.dtype | None) -> list[str]:
+    """What each system's relaxation is (sha256): the model's class, structure (an nn.Module's
+    repr) and weights (parameters and buffers, normalisation included), every `relax_batch`
+    setting with its default filled in,
+    the dtype, and the system (numbers, positions, cell, pbc, fixed, tags). Recorded in each
+    relaxed file (`relaxation`); a file is resumed only when its id matches, so relaxations of
+    another model, checkpoint, setting or input are never credited to this one."""
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(relax_batch).parameters.items()
+        if parameter.default is not inspect.Parameter.empty and name != "trajectory"
+    }
+    settings = {**defaults, **{k: v for k, v in options.items() if k != "trajectory"}}
+    state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
+    weights = _digest(
+        f"{type(model).__module__}.{type(model).__qualname__}",
+        repr(model) if isinstance(model, torch.nn.Module) else "",
+        sorted(state),
+        *state.values(),
+        settings,
+        str(dtype),
+    )
+    ids = []
+    for sample in samples:
+        digest = weights.copy()
+        for name in ("atomic_numbers", "pos", "cell", "pbc", "fixed", "tags"):
+            value = getattr(sample, name, None)
+            digest.update(_digest(name, value if value is not None else "-").digest())
+        ids.append(digest.hexdigest())
+    return ids
 
 
 def relax_dataset(
@@ -369,8 +432,10 @@ def relax_dataset(
 ) -> list[dict]:
     """Relax `samples` in batches; write `out_dir/<sid>.extxyz` (and `<sid>.traj.extxyz`).
 
-    Files are written atomically; systems whose `<sid>.extxyz` exists are skipped, so a killed
-    run resumes where it stopped. `dtype` casts positions/cells (e.g. float64 for an oracle),
+    Files are written atomically and record their relaxation's identity (`relaxation_ids`):
+    systems whose `<sid>.extxyz` holds this relaxation are skipped, so a killed run resumes
+    where it stopped, and files of another model, checkpoint, setting or input are relaxed
+    again (said on stderr). `dtype` casts positions/cells (e.g. float64 for an oracle),
     `device` defaults to the model's. Returns one summary dict per sample (sid, steps,
     converged, energy, path), read back from the file for skipped systems. `write=False` on
     all but one rank of a graph-parallel group: they relax the same batches (every rank takes
@@ -383,16 +448,26 @@ def relax_dataset(
         parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = parameter.device if parameter is not None else torch.device("cpu")
     samples = list(samples)
+    ids = relaxation_ids(model, samples, relax_options, dtype)
     summaries: dict[str, dict] = {}
     order: list[str] = []
-    todo: list[tuple[str, object]] = []
-    for index, sample in enumerate(samples):
+    todo: list[tuple[str, object, str]] = []
+    stale = 0
+    for index, (sample, relaxation) in enumerate(zip(samples, ids, strict=True)):
         sid = _sid(sample, index)
         order.append(sid)
-        if (out_dir / f"{sid}.extxyz").exists():
-            summaries[sid] = _summary(out_dir / f"{sid}.extxyz")
+        previous = _previous(out_dir / f"{sid}.extxyz")
+        if previous is not None and previous["relaxation"] == relaxation:
+            summaries[sid] = previous
         else:
-            todo.append((sid, sample))
+            stale += (out_dir / f"{sid}.extxyz").exists()
+            todo.append((sid, sample, relaxation))
+    if stale and write:
+        print(
+            f"relax: {stale} relaxed structure(s) in {out_dir} are of another model, "
+            "checkpoint, setting or input: relaxing them again",
+            file=sys.stderr,
+        )
 
     bar = tqdm(
         total=len(samples),
@@ -404,17 +479,18 @@ def relax_dataset(
     try:
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
-            batch = collate([sample for _, sample in chunk]).to(device)
+            batch = collate([sample for _, sample, _ in chunk]).to(device)
             if dtype is not None:
                 batch.pos, batch.cell = batch.pos.to(dtype), batch.cell.to(dtype)
             result = relax_batch(model, batch, **relax_options)
-            for i, (sid, sample) in enumerate(chunk):
+            for i, (sid, sample, relaxation) in enumerate(chunk):
                 if not write:
                     continue
                 info = {
                     "sid": sid,
                     "steps": int(result.steps[i]),
                     "converged": bool(result.converged[i]),
+                    "relaxation": relaxation,
                 }
                 path = out_dir / f"{sid}.extxyz"
                 if result.trajectory_pos is not None:
@@ -439,16 +515,20 @@ def relax_dataset(
     return [summaries[sid] for sid in order] if write else []
 
 
-def read_relaxed(samples: Iterable, out_dir: str | os.PathLike) -> list[dict]:
+def read_relaxed(samples: Iterable, out_dir: str | os.PathLike, ids: list[str]) -> list[dict]:
     """The summaries (sid, steps, converged, energy, path) of `relax_dataset`'s files for
-    `samples`, e.g. after the data-parallel ranks relaxed their shares."""
+    `samples`, e.g. after the data-parallel ranks relaxed their shares; each file must hold
+    the relaxation `ids` says (`relaxation_ids`)."""
     out_dir = Path(out_dir)
     summaries = []
-    for index, sample in enumerate(samples):
+    for index, (sample, relaxation) in enumerate(zip(samples, ids, strict=True)):
         path = out_dir / f"{_sid(sample, index)}.extxyz"
         if not path.exists():
             raise FileNotFoundError(f"{path}: no relaxed structure (did a rank fail?)")
-        summaries.append(_summary(path))
+        summary = _summary(path)
+        if summary["relaxation"] != relaxation:
+            raise ValueError(f"{path} holds another relaxation than this one (did a rank fail?)")
+        summaries.append(summary)
     return summaries
 
 
@@ -512,6 +592,7 @@ def evaluate_relaxations(
     steps: int = 200,
     device: str = "auto",
     gp_size: int | None = None,
+    allow_data_mismatch: bool = False,
 ) -> dict | None:
     """Relax every system of an IS2RE/IS2RS split with the model; IS2RS and IS2RE metrics
     (null with the reason where labels or an oracle are missing) and predictions.
@@ -519,7 +600,9 @@ def evaluate_relaxations(
     Under torchrun with W = G x D processes (`gp_size` = G, default W): each of the D
     data-parallel groups relaxes every D-th system with the model split over its G ranks;
     rank 0 then reads all relaxed structures back and writes the metrics. Returns the metrics
-    on rank 0, None on the other ranks.
+    on rank 0, None on the other ranks. `out_dir` is locked for the job (graphpar.lock). The
+    split's energies must be on the reference of the checkpoint's training data, unless
+    `allow_data_mismatch`.
     """
     from ase.io import read
 
@@ -534,27 +617,33 @@ def evaluate_relaxations(
     model = trained_model(state, rank_device)
     cutoff, max_neighbors = graph_settings(state.get("graph"), model)
     dataset = LmdbDataset(data)
+    # Relaxations build their own graphs with the checkpoint's settings: only the energies'
+    # reference (IS2RE targets) must agree.
+    check_checkpoint_data(
+        state, checkpoint, dataset.metadata, data, ("energy_reference",), allow_data_mismatch
+    )
     samples = [dataset[i] for i in range(len(dataset))]
+    options = {"fmax": fmax, "steps": steps, "cutoff": cutoff, "max_neighbors": max_neighbors}
     if is_main():
         print(f"relax {split}: {len(samples)} systems, G x D = {dims.gp_size} x {dims.dp_size}")
-    relax_dataset(
-        model,
-        samples[dims.dp_rank :: dims.dp_size],
-        out_dir,
-        batch_size=batch_size,
-        fmax=fmax,
-        steps=steps,
-        cutoff=cutoff,
-        max_neighbors=max_neighbors,
-        progress=is_main(),
-        write=dims.gp_rank == 0,
-    )
-    if dims.world_size > 1:
-        dist.barrier(group=finished)
-    if dims.rank != 0:
-        return None
-
-    summaries = read_relaxed(samples, out_dir)
+    with main_rank_lock(out_dir, "relaxation"):
+        if is_main():
+            for path in remove_temporaries(out_dir) if out_dir.is_dir() else []:
+                print(f"removed {path}, left by a killed run", file=sys.stderr)
+        relax_dataset(
+            model,
+            samples[dims.dp_rank :: dims.dp_size],
+            out_dir,
+            batch_size=batch_size,
+            progress=is_main(),
+            write=dims.gp_rank == 0,
+            **options,
+        )
+        if dims.world_size > 1:
+            dist.barrier(group=finished)
+        if dims.rank != 0:
+            return None
+        summaries = read_relaxed(samples, out_dir, relaxation_ids(model, samples, options, None))
     relaxed = [read(summary["path"]) for summary in summaries]
     ids = [str(summary["sid"]) for summary in summaries]
     energy = np.array([summary["energy"] for summary in summaries])
@@ -612,6 +701,12 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="G under torchrun: graph-parallel ranks per system batch (default: all processes)",
     )
+    parser.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="relax even though the split's energies are on another reference than the "
+        "checkpoint's training data (total vs adsorption energies)",
+    )
     args = parser.parse_args(argv)
     try:
         found = evaluate_relaxations(
@@ -627,8 +722,9 @@ def main(argv: list[str] | None = None) -> None:
             args.steps,
             args.device,
             args.gp_size,
+            args.allow_data_mismatch,
         )
-    except (TrainingError, FileNotFoundError, ValueError) as error:
+    except (TrainingError, FolderLocked, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     finally:

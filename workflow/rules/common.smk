@@ -163,14 +163,15 @@ def train_targets():
 # ---- evaluation -------------------------------------------------------------------------------
 
 
+def val_and_test(splits):
+    """The splits among `splits` that evaluation may run on: val_* and test_*."""
+    return [split for split in splits if split.startswith(("val_", "test_"))]
+
+
 def evaluated(splits):
     """The val and test splits among `splits`, limited to config evaluate.splits if set."""
     chosen = config["evaluate"]["splits"]
-    return [
-        split
-        for split in splits
-        if split.startswith(("val_", "test_")) and (chosen is None or split in chosen)
-    ]
+    return [split for split in val_and_test(splits) if chosen is None or split in chosen]
 
 
 def s2ef_eval_splits():
@@ -203,6 +204,31 @@ def evaluate_targets():
         for split in relax_splits():
             targets += relax_metrics(run, split)
     return targets
+
+
+def check_evaluate_splits():
+    """Splits named in evaluate.splits exist in the configured dataset (S2EF or IS2RE), and some
+    run is evaluated on them: otherwise the workflow would plan no evaluation and succeed."""
+    chosen = config["evaluate"]["splits"]
+    if not chosen:  # null: every val and test split; []: none
+        return
+    known = val_and_test(dict.fromkeys(s2ef_splits() + is2re_splits()))
+    unknown = [split for split in chosen if split not in known]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        what = "is not a val or test split" if len(unknown) == 1 else "are not val or test splits"
+        raise ValueError(
+            f"config evaluate.splits: {names} {what} of the {DATASET} dataset "
+            f"(known: {', '.join(known) or 'none'})"
+        )
+    if not any(run_config["task"] == "s2ef" for run_config in TRAIN.values()):
+        raise ValueError(
+            f"config evaluate.splits: {', '.join(chosen)}, but no run of config train has "
+            "task s2ef: nothing to evaluate them with"
+        )
+
+
+check_evaluate_splits()
 
 
 def all_targets():

@@ -35,8 +35,10 @@ from graphpar.data.sample import Sample
 __all__ = [
     "TRIPLET_FAMILIES",
     "TRIPLET_FIELDS",
+    "StructureError",
     "atoms_to_sample",
     "attach_triplets",
+    "check_structure",
     "dimenet_triplets",
     "edge_vectors",
     "gemnet_triplets",
@@ -588,6 +590,47 @@ def edge_vectors(
 # ase.Atoms -> Sample
 # ----------------------------------------------------------------------------------------------
 
+MAX_ATOMIC_NUMBER = 118  # oganesson, the heaviest known element
+
+
+class StructureError(ValueError):
+    """A structure no graph can be built for (`check_structure`); one line naming it."""
+
+
+def check_structure(atoms) -> None:
+    """Raise StructureError unless `atoms` has atoms, atomic numbers in 1..118, finite
+    positions and a finite cell whose periodic vectors are linearly independent.
+
+    Positions and cell are checked as the float32 values the graph is built from. One check per
+    structure, on CPU, at the entry points (`atoms_to_sample`, preprocessing's readers): the
+    graph code itself, which relaxations call on the device every step, does not check.
+    """
+    numbers = np.asarray(atoms.get_atomic_numbers())
+    if len(numbers) == 0:
+        raise StructureError("the structure has no atoms")
+    bad = np.flatnonzero((numbers < 1) | (numbers > MAX_ATOMIC_NUMBER))
+    if len(bad):
+        raise StructureError(
+            f"structure of {len(numbers)} atoms: atom {bad[0]} has atomic number "
+            f"{numbers[bad[0]]}, not in 1..{MAX_ATOMIC_NUMBER}"
+        )
+    positions, cell = np.asarray(atoms.get_positions()), np.asarray(atoms.get_cell())
+    with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused
+        positions32, cell32 = positions.astype(np.float32), cell.astype(np.float32)
+    pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+    bad = np.flatnonzero(~np.isfinite(positions32).all(axis=1))
+    if len(bad):
+        problem = f"atom {bad[0]} has position {positions[bad[0]].tolist()}, not finite in float32"
+    elif not np.isfinite(cell32).all():
+        problem = f"cell {cell.tolist()} is not finite in float32"
+    elif np.linalg.matrix_rank(cell32[pbc].astype(np.float64)) < pbc.sum():
+        problem = (
+            f"cell {cell.tolist()} is singular along its periodic directions (pbc {pbc.tolist()})"
+        )
+    else:
+        return
+    raise StructureError(f"structure {atoms.get_chemical_formula()}: {problem}")
+
 
 def atoms_to_sample(
     atoms, cutoff: float = 6.0, max_neighbors: int | None = 50, triplets: bool = True
@@ -597,9 +640,11 @@ def atoms_to_sample(
     atoms carry forces) are read when the attached calculator holds them.
 
     The graph is built from the stored float32 positions and cell, the values a model sees.
+    Raises StructureError for a structure without a graph (`check_structure`).
     """
     from ase.constraints import FixAtoms
 
+    check_structure(atoms)
     num_atoms = len(atoms)
     pos = torch.as_tensor(np.asarray(atoms.get_positions()), dtype=torch.float32)
     cell = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float32).reshape(1, 3, 3)

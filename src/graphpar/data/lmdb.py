@@ -5,10 +5,12 @@ A preprocessed dataset is a directory
     data.0000.lmdb, data.0001.lmdb, ...   single-file LMDBs (`subdir=False`); keys are the ascii
                                           decimal local indices "0".."n-1" plus "length" (ascii
                                           decimal n); values are `encode_sample` blobs
-    metadata.json                         schema version, total and per-shard counts, and whatever
-                                          the writer adds (cutoff, max_neighbors, source, ...)
-    metadata.npz                          per-sample arrays (natoms, num_edges, triplet counts, ...)
-                                          indexed like the dataset
+    metadata.json                         schema version, total and per-shard counts, the
+                                          dataset's identity (`content_sha256`, see
+                                          `dataset_identity`), and whatever the writer adds
+                                          (cutoff, max_neighbors, energy_reference, source, ...)
+    metadata.npz                          per-sample arrays (natoms, num_edges, triplet counts,
+                                          crc32, ...) indexed like the dataset
 
 written by `ShardWriter` (one shard each) and `write_metadata`, and read by `ShardedLmdb`.
 
@@ -40,6 +42,7 @@ import bisect
 import collections
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import math
@@ -75,7 +78,13 @@ _ALIGNMENT = 8  # bytes; every array starts on this boundary so np.frombuffer vi
 _ALLOWED_DTYPE_KINDS = "biufcSU"  # bool, ints, floats, complex, fixed-width strings: no objects
 _SHARD_NAME = re.compile(r"^data\.(\d+)\.lmdb$")
 _COMMIT_BYTES = 64 * 2**20  # ShardWriter commits a transaction once this many bytes are pending
-_RESERVED_METADATA_KEYS = ("schema_version", "encoding_version", "length", "shards")
+_RESERVED_METADATA_KEYS = (
+    "schema_version",
+    "encoding_version",
+    "length",
+    "shards",
+    "content_sha256",
+)
 
 
 class LmdbFormatError(ValueError):
@@ -309,6 +318,31 @@ def _shard_files(directory: Path) -> list[Path]:
     return sorted(shards, key=lambda p: int(_SHARD_NAME.match(p.name).group(1)))
 
 
+def sample_crc32(blob: bytes) -> int:
+    """The CRC-32 an `encode_sample` blob carries (of everything after its prefix)."""
+    return _PREFIX.unpack_from(blob)[3]
+
+
+def content_sha256(crc32: np.ndarray) -> str:
+    """A dataset's identity: the sha256 of its samples' CRC-32s in dataset order.
+
+    Any change to any stored value of any sample (positions, labels, graph) changes its CRC and
+    so the identity, whatever the sharding; the same input preprocessed the same way gets the
+    same identity.
+    """
+    return hashlib.sha256(np.asarray(crc32, dtype="<u4").tobytes()).hexdigest()
+
+
+def dataset_identity(metadata: Mapping[str, Any]) -> str:
+    """The identity of a dataset from its metadata.json: `content_sha256` (written when the
+    per-sample `crc32` array is), else, for datasets written without it, the sha256 of the
+    metadata itself."""
+    if "content_sha256" in metadata:
+        return str(metadata["content_sha256"])
+    text = json.dumps(dict(metadata), sort_keys=True).encode()
+    return "metadata-" + hashlib.sha256(text).hexdigest()
+
+
 def write_metadata(
     directory: str | os.PathLike,
     info: Mapping[str, Any],
@@ -320,7 +354,9 @@ def write_metadata(
     files on disk. `info` (JSON-serialisable: cutoff, max_neighbors, source, ...) is merged into
     metadata.json; it must not use the reserved keys schema_version, encoding_version, length and
     shards. `arrays` are per-sample arrays indexed like the dataset (first dimension = total count,
-    no object dtypes). Both files are written atomically, the npz first. Returns the JSON dict.
+    no object dtypes); when they include `crc32` (`sample_crc32` of every sample) metadata.json
+    gets the dataset's identity `content_sha256`. Both files are written atomically, the npz
+    first. Returns the JSON dict.
     """
     directory = Path(directory)
     clash = sorted(set(info) & set(_RESERVED_METADATA_KEYS))
@@ -347,10 +383,23 @@ def write_metadata(
         "shards": shards,
         **info,
     }
+    if "crc32" in arrays:
+        metadata["content_sha256"] = content_sha256(arrays["crc32"])
     with atomic_path(directory / METADATA_NPZ) as temporary, open(temporary, "wb") as f:
         np.savez(f, **{name: np.asarray(array) for name, array in arrays.items()})
     write_json(directory / METADATA_JSON, metadata)
     return metadata
+
+
+def is_graphpar_dataset(directory: str | os.PathLike) -> bool:
+    """True when `directory` holds a metadata.json written by `write_metadata` (its schema
+    version, encoding version, length and shards): a dataset graphpar may replace."""
+    try:
+        metadata = json.loads((Path(directory) / METADATA_JSON).read_text())
+    except (OSError, ValueError):
+        return False
+    marker = ("schema_version", "encoding_version", "length", "shards")
+    return isinstance(metadata, dict) and all(key in metadata for key in marker)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,14 @@ from tqdm import tqdm
 
 from graphpar import __version__
 from graphpar.data.lmdb import LmdbFormatError, UnsafePickleError, pyg_lmdb_length
-from graphpar.io import atomic_path, count_lines, replace_directory, write_json
+from graphpar.io import (
+    CorruptFileError,
+    atomic_path,
+    contains,
+    count_lines,
+    replace_directory,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -622,7 +629,7 @@ def _verify_count(archive: Archive, split: str, staging: Path, tar_path: Path) -
     """Count a staged split and compare it with the catalogue; returns the count found."""
     try:
         found = _count_split(archive, staging / archive.split_dir(split))
-    except (lzma.LZMAError, EOFError, LmdbFormatError, UnsafePickleError) as error:
+    except (CorruptFileError, LmdbFormatError, UnsafePickleError) as error:
         raise ExtractError(f"{tar_path}: split {split}: cannot count entries: {error}") from error
     expected = archive.counts[split]
     unit = "systems" if archive.layout == IS2RE else "frames"
@@ -699,6 +706,12 @@ def extract(
     root = Path(root)
     if not tar_path.is_file():
         raise ExtractError(f"archive {tar_path} does not exist")
+    for split in archive.splits:
+        if contains(root / archive.split_dir(split), tar_path):
+            raise ExtractError(
+                f"archive {tar_path} lies in {root / archive.split_dir(split)}, which extraction "
+                "replaces: move the archive out of it"
+            )
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".extract-{archive.name}.tmp"
     if staging.exists():
@@ -739,8 +752,9 @@ def extract(
                 "found": found[split],
             }
         for split in archive.splits:
-            replace_directory(staging / archive.split_dir(split), root / archive.split_dir(split))
-            log.info("%s: split %s is in %s", archive.name, split, root / archive.split_dir(split))
+            target = root / archive.split_dir(split)
+            replace_directory(staging / archive.split_dir(split), target, keep=[tar_path])
+            log.info("%s: split %s is in %s", archive.name, split, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

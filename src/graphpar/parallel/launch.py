@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from graphpar.parallel.groups import destroy_groups, get_dims, init_groups
-from graphpar.training.config import TrainingError
+from graphpar.training.config import TrainingError, layout_error
 
 __all__ = [
     "broadcast",
@@ -36,23 +36,10 @@ __all__ = [
 def setup_processes(config: Mapping) -> torch.device:
     """Join torchrun's process group (gloo on CPU, NCCL on GPU) and build the G x D groups of a
     training config, checking the layout before any work. Returns this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    gp_size, dp_size = config["gp_size"], config["dp_size"]
-    if world_size % gp_size:
-        raise TrainingError(
-            f"gp_size {gp_size} does not divide the world size {world_size}: launch "
-            f"torchrun --nproc_per_node={gp_size * (dp_size or 1)} (G x D processes)"
-        )
-    if dp_size is not None and world_size != gp_size * dp_size:
-        raise TrainingError(
-            f"the config asks for G x D = {gp_size} x {dp_size} processes, torchrun started "
-            f"{world_size}: use --nproc_per_node (x --nnodes) = {gp_size * dp_size}"
-        )
-    if config["batch_size"] % (world_size // gp_size):
-        raise TrainingError(
-            f"batch_size {config['batch_size']} is not a multiple of D = {world_size // gp_size}"
-        )
-    return join_processes(gp_size, config["device"])
+    error = layout_error(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if error is not None:
+        raise TrainingError(error)
+    return join_processes(config["gp_size"], config["device"])
 
 
 def join_processes(gp_size: int, device: str = "auto") -> torch.device:

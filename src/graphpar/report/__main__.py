@@ -4,7 +4,8 @@ python -m graphpar.report table table1 --results results --paper results/paper \
     --out-dir results/tables
 python -m graphpar.report figure parity --results results --out-dir results/figures
 python -m graphpar.report export --experiment mini --out mini-metrics.tar
-python -m graphpar.report import colleague-metrics.tar [--as NAME] [--force]
+python -m graphpar.report import colleague-metrics.tar [--as NAME] [--force] \
+    [--max-member-mb 2000] [--max-total-mb 10000]
 python -m graphpar.report config --config-json '{...}' --out results/report/config.yaml
 """
 
@@ -19,6 +20,7 @@ import yaml
 
 from graphpar.io import atomic_path
 from graphpar.report import FIGURES, TABLES
+from graphpar.report.bundle import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_TOTAL_MB, MB
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,10 +69,28 @@ def main(argv: list[str] | None = None) -> None:
     bundle_import.add_argument("bundle", type=Path)
     bundle_import.add_argument("--results", type=Path, default=Path("results"))
     bundle_import.add_argument(
-        "--as", dest="rename", default=None, help="import a one-experiment bundle under this name"
+        "--as",
+        dest="rename",
+        default=None,
+        help="import a one-experiment bundle under this name (letters, digits, _ . -, first a "
+        "letter or digit; not paper or benchmarks)",
     )
     bundle_import.add_argument(
         "--force", action="store_true", help="overwrite local files that differ"
+    )
+    bundle_import.add_argument(
+        "--max-member-mb",
+        type=float,
+        default=DEFAULT_MAX_MEMBER_MB,
+        help="refuse a member larger than this, uncompressed, in MB of 10^6 bytes (default "
+        "%(default)s; an OC20 S2EF split's predictions npz is about 700 MB)",
+    )
+    bundle_import.add_argument(
+        "--max-total-mb",
+        type=float,
+        default=DEFAULT_MAX_TOTAL_MB,
+        help="refuse a bundle whose members together are larger than this, uncompressed, in MB "
+        "(default %(default)s; the free disk is checked too)",
     )
 
     config = commands.add_parser("config", help="write the workflow's config as YAML")
@@ -101,7 +121,14 @@ def main(argv: list[str] | None = None) -> None:
         from graphpar.report.bundle import BundleError, import_bundle
 
         try:
-            experiments = import_bundle(args.bundle, args.results, args.rename, args.force)
+            experiments = import_bundle(
+                args.bundle,
+                args.results,
+                args.rename,
+                args.force,
+                max_member_bytes=int(args.max_member_mb * MB),
+                max_total_bytes=int(args.max_total_mb * MB),
+            )
         except BundleError as error:
             sys.exit(f"error: {error}")
         print(f"imported {', '.join(experiments)} into {args.results}")

@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from graphpar.io import atomic_path  # noqa: E402
+from graphpar.io import atomic_path, read_json  # noqa: E402
 from graphpar.report import FIGURES, sources  # noqa: E402
 
 # At most this many points per (run, split, quantity) in a parity plot and its CSV: OC20's val
@@ -243,7 +243,7 @@ def _scaling_data(results: Path, benchmarks: Path) -> tuple[pd.DataFrame, str]:
     files = sources.scaling_files(results)
     if files:
         for path in files:
-            record = json.loads(path.read_text())
+            record = read_json(path)
             for quantity, unit in (
                 ("peak_memory_mb_per_gpu", "MB"),
                 ("samples_per_s", "samples/s"),

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from graphpar.io import read_json
+
 TASKS = ("s2ef", "is2rs", "is2re")
 # Paper order of the four OC20 subsplits; our split names are val_<key> or test_<key>.
 SPLIT_LABELS = {"id": "ID", "ood_ads": "OOD Ads", "ood_cat": "OOD Cat", "ood_both": "OOD Both"}
@@ -55,10 +57,10 @@ def _dataset_name(provenance: dict) -> str:
 def read_metrics(results: Path, task: str) -> pd.DataFrame:
     """One row per metrics file of `task`: experiment, run, split, split_group (val/test),
     split_label, model (registered config), dataset, the task's metrics (None where null),
-    n_systems, path."""
+    n_systems, path. NaN or Infinity in a file is an error naming it (`graphpar.io.read_json`)."""
     rows = []
     for path in metrics_files(results, task):
-        metrics = json.loads(path.read_text())
+        metrics = read_json(path)
         group, label = split_group(metrics["split"])
         provenance = metrics.get("provenance", {})
         rows.append(
@@ -136,7 +138,7 @@ def benchmark_dir(results: Path, fallback: Path | None = None) -> Path:
 
 def paper_meta(paper: Path) -> dict:
     """tables.json: per table its title, task, layout (average | split), columns and notes."""
-    return json.loads((Path(paper) / "tables.json").read_text())["tables"]
+    return read_json(Path(paper) / "tables.json")["tables"]
 
 
 def paper_table(paper: Path, table: str) -> pd.DataFrame:

@@ -4,13 +4,16 @@ loading a trained model for inference.
 A checkpoint is one `torch.save` file (a zip archive) holding `RunState.state_dict()`: the
 config and its hash, the progress (step, epoch, batch in the epoch, best validation), model,
 optimiser, scheduler and EMA states, the normalisation statistics, how the training graphs were
-built, and every random generator's state, so a resumed run continues bit for bit.
+built, the training data's settings and identities (`graphpar.training.data.data_record`), and
+every random generator's state, so a resumed run continues bit for bit.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import shutil
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,28 +33,138 @@ from graphpar.training.step import DTYPES
 CHECKPOINT_FORMAT = "graphpar-checkpoint-1"
 
 
+# What a checkpoint holds beyond torch's own `weights_only` allow-list (tensors, plain
+# containers, numbers, strings): the numpy generator's state in `rng_state`, whose key is a
+# uint32 array. Its pickle rebuilds the array with `_reconstruct(ndarray, ...)` and its dtype
+# with `dtype("u4", ...)`, then sets the state of that dtype (a `UInt32DType`). Nothing else is
+# allowed: an array of any other dtype (objects included) is refused.
+CHECKPOINT_GLOBALS = [
+    np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,
+]
+
+
 def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """A checkpoint, verified: a truncated or corrupt file (CRC of every record) is refused."""
+    """A checkpoint, verified (the CRC of every record) and unpickled without running any of
+    its code: torch's `weights_only` loader, allowing only `CHECKPOINT_GLOBALS` beyond its own
+    list. A file that asks for anything else is refused before any of it runs; every other
+    flaw (truncated, a changed byte, not a zip archive) is one "corrupt checkpoint" error."""
+    path = Path(path)
     try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError) as error:
-        raise TrainingError(
-            f"{path} is truncated or not a checkpoint ({error}); delete it to start over"
-        ) from error
-    if bad is not None:
-        raise TrainingError(f"{path} is corrupt (record {bad} fails its CRC); delete it")
-    state = torch.load(path, map_location=map_location, weights_only=False)
+        file = open(path, "rb")  # noqa: SIM115 (closed by the block below)
+    except OSError as error:
+        raise TrainingError(f"cannot read checkpoint {path}: {error.strerror}") from error
+    with file, torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+        _verify_archive(file, path)
+        _refuse_other_globals(file, path)
+        state = _unpickle(file, path, map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"{path} is not a graphpar checkpoint")
     return state
 
 
+def _corrupt(path: Path, detail: str | Exception) -> TrainingError:
+    """The one error of a checkpoint that cannot be read; an exception's first line is the
+    detail."""
+    if isinstance(detail, Exception):
+        detail = f"{type(detail).__name__}: {_first_line(detail)}"
+    return TrainingError(
+        f"{path} is a corrupt checkpoint ({detail}); delete it (a run then starts over) "
+        "or restore a good copy"
+    )
+
+
+def _verify_archive(file, path: Path) -> None:
+    """Refuse a checkpoint whose zip archive cannot be read or fails the CRC of a record."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            bad = archive.testzip()
+    except zipfile.BadZipFile as error:
+        raise _corrupt(path, f"truncated or not a checkpoint: {error}") from error
+    except Exception as error:  # any other flaw of the archive's bytes
+        raise _corrupt(path, error) from error
+    if bad is not None:
+        raise _corrupt(path, f"record {bad!r} is corrupt: its CRC or header does not match")
+
+
+def _refuse_other_globals(file, path: Path) -> None:
+    """Refuse a checkpoint whose pickle names a function or class outside the allow-list
+    (torch's and `CHECKPOINT_GLOBALS`, in force around this call): read statically, nothing of
+    the pickle runs."""
+    file.seek(0)
+    try:
+        refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except pickle.UnpicklingError as error:  # an opcode torch's weights-only loader lacks
+        raise _refused(path, _first_line(error)) from error
+    except Exception as error:  # a record torch cannot read
+        raise _corrupt(path, error) from error
+    if refused:
+        raise _refused(
+            path, f"it asks to run {', '.join(refused)}, which no graphpar checkpoint holds"
+        )
+
+
+def _unpickle(file, path: Path, map_location) -> Any:
+    """`torch.load(weights_only=True)` of a verified checkpoint. Its records passed their CRCs,
+    so a pickle the weights-only loader stops at (an array of another dtype, say) is refused."""
+    file.seek(0)
+    try:
+        return torch.load(file, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).partition("WeightsUnpickler error:")[2] or str(error)
+        raise _refused(path, f"the weights-only loader stops: {_first_line(reason)}") from error
+    except Exception as error:  # any other failure to rebuild the state from the file's bytes
+        raise _corrupt(path, error) from error
+
+
+def _refused(path: Path, reason: str) -> TrainingError:
+    """The error of a checkpoint that asks for more than tensors and plain values."""
+    return TrainingError(
+        f"{path} is refused: {reason} (nothing of it was run); delete it unless you know its source"
+    )
+
+
+def _first_line(text: str | Exception) -> str:
+    """The first non-empty line of a message, at most 200 characters."""
+    lines = str(text).strip().splitlines() or [""]
+    return lines[0][:200]
+
+
 def write_checkpoint(path: Path, state: Mapping) -> None:
-    """Atomically (temporary file, then rename), on rank 0 only (parameters are replicated)."""
+    """Atomically (temporary file, then rename), on rank 0 only (parameters are replicated). A
+    write that fails (a full disk, a quota, a file size limit) removes its temporary, keeps the
+    previous checkpoint, and names the filesystem."""
     if is_main():
-        with atomic_path(path) as temporary:
-            torch.save(dict(state), temporary)
+        try:
+            with atomic_path(path) as temporary, open(temporary, "wb") as file:
+                torch.save(dict(state), file)  # a file object: a failed write keeps its errno
+        except OSError as error:
+            raise TrainingError(_write_failure(Path(path), state, error)) from error
+
+
+def _write_failure(path: Path, state: Mapping, error: OSError) -> str:
+    """Why checkpoint `path` was not written: the reason, the filesystem (its mount point and
+    free bytes), about how many bytes the checkpoint needs, and what is kept."""
+    from graphpar.scaling import tensor_bytes  # only here: scaling is the study's module
+
+    mount = _mount_point(path.parent)
+    free = shutil.disk_usage(mount).free
+    kept = f"the previous checkpoint {path} is kept" if path.exists() else "nothing was written"
+    return (
+        f"cannot write checkpoint {path} ({error.strerror or error}): the filesystem at {mount} "
+        f"has {free:,} bytes free, the checkpoint needs about {tensor_bytes(dict(state)):,}; "
+        f"{kept}"
+    )
+
+
+def _mount_point(path: Path) -> Path:
+    """The mount point of the filesystem that holds `path` (or its nearest existing parent)."""
+    path = path.absolute()
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def read_resumable(path: Path, config: Mapping) -> dict | None:
@@ -105,6 +218,7 @@ class RunState:
     ema: EMA | None
     normalization: Mapping[str, float]
     graph: Mapping[str, Any]  # how the training graphs were built (cutoff, max_neighbors)
+    data: Mapping[str, Any]  # the training data's settings and identities (training.data)
     progress: Progress = field(default_factory=Progress)
 
     def state_dict(self) -> dict:
@@ -121,6 +235,7 @@ class RunState:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "normalization": dict(self.normalization),
             "graph": dict(self.graph),
+            "data": dict(self.data),
             "rng": rng_state(),
             "best": self.progress.best,
         }

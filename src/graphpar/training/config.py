@@ -2,14 +2,15 @@
 
 Torch-free on purpose (standard library, yaml and jsonschema only): the workflow validates every
 run's config when Snakemake parses it, and Snakemake starts often (twice per SLURM job). Checks
-that would need the model constructors read `MODEL_ARGUMENTS`, a static table of their argument
-names that tests/test_train.py compares with the real constructors.
+that would need the model constructors read `MODEL_ARGUMENT_TYPES`, a static table of their
+argument names and annotations that tests/test_train.py compares with the real constructors.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 import hashlib
 import json
 import os
@@ -23,11 +24,13 @@ import yaml
 
 __all__ = [
     "MODEL_ARGUMENTS",
+    "MODEL_ARGUMENT_TYPES",
     "RUNTIME_KEYS",
     "TrainingError",
     "add_config_arguments",
     "config_hash",
     "config_source",
+    "layout_error",
     "load_config",
 ]
 
@@ -42,62 +45,60 @@ RUNTIME_KEYS = (
     "nodes",  # the same G x D processes on more or fewer nodes compute the same run
 )
 
-_DIMENETPP_ARGUMENTS = frozenset(
-    {
-        "hidden_channels",
-        "out_channels",
-        "num_blocks",
-        "int_emb_size",
-        "basis_emb_size",
-        "out_emb_channels",
-        "num_spherical",
-        "num_radial",
-        "cutoff",
-        "envelope_exponent",
-        "num_before_skip",
-        "num_after_skip",
-        "num_output_layers",
-        "act",
-        "output_initializer",
-        "regress_forces",
-    }
-)
-_GEMNET_ARGUMENTS = frozenset(
-    {
-        "num_spherical",
-        "num_radial",
-        "num_blocks",
-        "emb_size_atom",
-        "emb_size_edge",
-        "emb_size_trip",
-        "emb_size_rbf",
-        "emb_size_cbf",
-        "emb_size_bil_trip",
-        "num_before_skip",
-        "num_after_skip",
-        "num_concat",
-        "num_atom",
-        "regress_forces",
-        "direct_forces",
-        "cutoff",
-        "max_neighbors",
-        "rbf",
-        "envelope",
-        "cbf",
-        "extensive",
-        "otf_graph",
-        "use_pbc",
-        "use_pbc_single",
-        "output_init",
-        "activation",
-        "num_elements",
-        "num_targets",
-        "scale_file",
-    }
-)
-# Every registered model configuration (graphpar.models.MODELS) and the arguments its
-# constructor takes, which `model_args` may override.
-MODEL_ARGUMENTS: dict[str, frozenset[str]] = {
+# Each constructor argument of a model family and its annotation there (as a string: the models
+# use `from __future__ import annotations`); `model_args` values are checked against it.
+_DIMENETPP_ARGUMENTS = {
+    "hidden_channels": "int",
+    "out_channels": "int",
+    "num_blocks": "int",
+    "int_emb_size": "int",
+    "basis_emb_size": "int",
+    "out_emb_channels": "int",
+    "num_spherical": "int",
+    "num_radial": "int",
+    "cutoff": "float",
+    "envelope_exponent": "int",
+    "num_before_skip": "int",
+    "num_after_skip": "int",
+    "num_output_layers": "int",
+    "act": "str",
+    "output_initializer": "str",
+    "regress_forces": "bool",
+}
+_GEMNET_ARGUMENTS = {
+    "num_spherical": "int",
+    "num_radial": "int",
+    "num_blocks": "int",
+    "emb_size_atom": "int",
+    "emb_size_edge": "int",
+    "emb_size_trip": "int",
+    "emb_size_rbf": "int",
+    "emb_size_cbf": "int",
+    "emb_size_bil_trip": "int",
+    "num_before_skip": "int",
+    "num_after_skip": "int",
+    "num_concat": "int",
+    "num_atom": "int",
+    "regress_forces": "bool",
+    "direct_forces": "bool",
+    "cutoff": "float",
+    "max_neighbors": "int",
+    "rbf": "Mapping | None",
+    "envelope": "Mapping | None",
+    "cbf": "Mapping | None",
+    "extensive": "bool",
+    "otf_graph": "bool",
+    "use_pbc": "bool",
+    "use_pbc_single": "bool",
+    "output_init": "str",
+    "activation": "str",
+    "num_elements": "int",
+    "num_targets": "int",
+    "scale_file": "str | None",
+}
+# Every registered model configuration (graphpar.models.MODELS): its constructor's arguments,
+# which `model_args` may override, with their annotations.
+MODEL_ARGUMENT_TYPES: dict[str, dict[str, str]] = {
     **dict.fromkeys(
         ("dimenetpp", "dimenetpp-large", "dimenetpp-xl", "dimenetpp-small", "dimenetpp-tiny"),
         _DIMENETPP_ARGUMENTS,
@@ -115,6 +116,18 @@ MODEL_ARGUMENTS: dict[str, frozenset[str]] = {
         ),
         _GEMNET_ARGUMENTS,
     ),
+}
+MODEL_ARGUMENTS: dict[str, frozenset[str]] = {
+    model: frozenset(arguments) for model, arguments in MODEL_ARGUMENT_TYPES.items()
+}
+# The values (YAML/JSON types) each annotation of MODEL_ARGUMENT_TYPES accepts.
+_ANNOTATION_VALUES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "Mapping | None": (dict, type(None)),
 }
 
 
@@ -158,12 +171,12 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
     if config["model"] not in MODEL_ARGUMENTS:
         known = ", ".join(sorted(MODEL_ARGUMENTS))
         raise TrainingError(f"{where}: unknown model {config['model']!r}; known: {known}")
-    unknown = sorted(set(config["model_args"]) - MODEL_ARGUMENTS[config["model"]])
-    if unknown:
-        raise TrainingError(
-            f"{where}: unknown model_args {', '.join(unknown)} for model {config['model']}; "
-            f"known: {', '.join(sorted(MODEL_ARGUMENTS[config['model']]))}"
-        )
+    error = _model_args_error(config["model"], config["model_args"])
+    if error is None and config["dp_size"] is not None:
+        # The launch the workflow makes (and the one a set dp_size asks for): G x D processes.
+        error = layout_error(config, config["gp_size"] * config["dp_size"])
+    if error is not None:
+        raise TrainingError(f"{where}: {error}")
     if config["max_steps"] is None and config["epochs"] is None:
         raise TrainingError(f"{where}: set max_steps or epochs (or both)")
     loss = config["loss"]
@@ -172,6 +185,52 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
     if config["task"] == "is2re" and loss["force_coefficient"] > 0:
         raise TrainingError(f"{where}: task is2re has no force labels: set force_coefficient 0")
     return config
+
+
+def _model_args_error(model: str, model_args: Mapping) -> str | None:
+    """Why `model_args` cannot be passed to the constructor of registered model `model` (a name
+    it does not take, with the nearest one it does, or a value of the wrong type), or None."""
+    arguments = MODEL_ARGUMENT_TYPES[model]
+    unknown = sorted(set(model_args) - set(arguments))
+    if unknown:
+        nearest = {name: difflib.get_close_matches(name, arguments, n=1) for name in unknown}
+        hints = [
+            f"{match[0]} for {name}" if len(unknown) > 1 else match[0]
+            for name, match in nearest.items()
+            if match
+        ]
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
+        return (
+            f"unknown model_args {', '.join(unknown)} for model {model}{hint}; "
+            f"known: {', '.join(sorted(arguments))}"
+        )
+    for name, value in model_args.items():
+        annotation = arguments[name]
+        accepted = _ANNOTATION_VALUES[annotation]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and bool not in accepted):
+            return f"model_args.{name} is {value!r}, not {annotation} (model {model})"
+    return None
+
+
+def layout_error(config: Mapping, world_size: int) -> str | None:
+    """Why a training config cannot run on `world_size` processes (G must divide it, a set D must
+    make it G x D, D must divide the global batch), or None. The trainer checks its torchrun
+    world (parallel.setup_processes); load_config checks the G x D launch a set dp_size asks for,
+    which is the workflow's, so a bad layout stops Snakemake before any job."""
+    gp_size, dp_size = config["gp_size"], config["dp_size"]
+    if world_size % gp_size:
+        return (
+            f"gp_size {gp_size} does not divide the world size {world_size}: launch "
+            f"torchrun --nproc_per_node={gp_size * (dp_size or 1)} (G x D processes)"
+        )
+    if dp_size is not None and world_size != gp_size * dp_size:
+        return (
+            f"the config asks for G x D = {gp_size} x {dp_size} processes, torchrun started "
+            f"{world_size}: use --nproc_per_node (x --nnodes) = {gp_size * dp_size}"
+        )
+    if config["batch_size"] % (world_size // gp_size):
+        return f"batch_size {config['batch_size']} is not a multiple of D = {world_size // gp_size}"
+    return None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

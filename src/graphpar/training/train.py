@@ -11,7 +11,9 @@ Several nodes (the same command on every node; HEAD is the first node's address)
         --rdzv-id=$SLURM_JOB_ID -m graphpar.training.train --config run.yaml --out DIR
 
 A run restarted on the same --out continues from its last checkpoint, bit for bit, with no
-flag; so `torchrun --max-restarts=3 ...` survives crashed ranks. The config keys are in
+flag; so `torchrun --max-restarts=3 ...` survives crashed ranks. One run at a time holds --out
+(a second is refused; a killed run's lock and temporaries are cleaned up by the next), and a
+resumed run refuses datasets other than those its checkpoint was trained on. The config keys are in
 src/graphpar/schemas/train.schema.yaml and config/README.md (--config a YAML file, or
 --config-json the same as one JSON string). --out receives checkpoint.pt (the latest state,
 replaced atomically), final.pt (at the end), metrics.jsonl (one line per logged step and per
@@ -39,7 +41,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from graphpar.io import atomic_path, write_json
+from graphpar.io import atomic_path, remove_temporaries, write_json
+from graphpar.lock import FolderLocked, main_rank_lock
 from graphpar.parallel import (
     broadcast,
     dp_sum,
@@ -61,7 +64,12 @@ from graphpar.training.config import (
     config_source,
     load_config,
 )
-from graphpar.training.data import TrainingData, batch_sampler, epoch_batches
+from graphpar.training.data import (
+    TrainingData,
+    batch_sampler,
+    check_resumed_data,
+    epoch_batches,
+)
 from graphpar.training.ema import EMA
 from graphpar.training.normalization import build_normalized_model, normalization_stats
 from graphpar.training.step import (
@@ -78,17 +86,32 @@ from graphpar.training.step import (
 log = logging.getLogger("graphpar.training")
 
 
-def train(config: Mapping, out: str | os.PathLike) -> Path:
-    """Train to the end (resuming from `out`/checkpoint.pt when present); returns final.pt."""
+def train(config: Mapping, out: str | os.PathLike, allow_data_mismatch: bool = False) -> Path:
+    """Train to the end (resuming from `out`/checkpoint.pt when present); returns final.pt.
+
+    The run folder is locked for the duration (graphpar.lock). A resumed run must find the
+    datasets its checkpoint was trained on, unless `allow_data_mismatch`."""
     config, out = load_config(config), Path(out)
     device = setup_processes(config)
+    try:
+        with main_rank_lock(out, "training"):
+            return train_in(config, out, device, allow_data_mismatch)
+    except FolderLocked as error:
+        raise TrainingError(str(error)) from None
+
+
+def train_in(config: Mapping, out: Path, device, allow_data_mismatch: bool) -> Path:
+    """`train` in its locked run folder."""
     dtype = DTYPES[config["dtype"]]
     if is_main():
-        out.mkdir(parents=True, exist_ok=True)
         log_to(out / "train.log")
+        for path in remove_temporaries(out):
+            log.info("removed %s, left by a killed run", path)
     checkpoint_path, final_path = out / "checkpoint.pt", out / "final.pt"
     resumed = read_resumable(checkpoint_path, config)
     data = TrainingData.open(config)
+    if resumed is not None:
+        check_resumed_data(resumed, data.record, checkpoint_path, allow_data_mismatch)
     stats = resumed["normalization"] if resumed else first_statistics(config, data, out)
 
     model = build_normalized_model(config, stats)
@@ -97,7 +120,7 @@ def train(config: Mapping, out: str | os.PathLike) -> Path:
     model = model.to(device=device, dtype=dtype).train()
     optimizer, scheduler = build_optimizer(model, config)
     ema = EMA(model, config["ema_decay"]) if config["ema_decay"] is not None else None
-    run = RunState(config, model, optimizer, scheduler, ema, stats, data.graph)
+    run = RunState(config, model, optimizer, scheduler, ema, stats, data.graph, data.record)
     if resumed is not None:
         run.load_state_dict(resumed)
         progress = run.progress
@@ -275,9 +298,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_config_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="run folder (resumed if present)")
+    parser.add_argument(
+        "--allow-data-mismatch",
+        action="store_true",
+        help="resume even though the datasets at the config's paths are not those the "
+        "checkpoint was trained on (training continues on them with the old normalisation)",
+    )
     args = parser.parse_args(argv)
     try:
-        train(config_source(args), args.out)
+        train(config_source(args), args.out, args.allow_data_mismatch)
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
