@@ -185,11 +185,15 @@ def test_killed_multi_node_training_job_fails_and_resumes(slurm, tiny_workflow, 
     workdir = tmp_path / "run"
     shutil.copytree(tiny_workflow / "config", workdir / "config")
     shutil.copytree(tiny_workflow / "resources", workdir / "resources")  # no re-preprocessing
+    # The tiny run's fitted scale factors (same model): no fitting job before this one.
+    fitted = workdir / "scale_factors.json"
+    shutil.copy(tiny_workflow / "results/tiny/scale_factors/gemnet.json", fitted)
     config_file = workdir / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     steps = 10  # cancelled once its first checkpoint exists, the job resumes for the rest
     config["train"]["gp4"] = {
         "model": "gemnet-tiny",
+        "scale_factors": str(fitted),
         "gp_size": 2,
         "dp_size": 2,
         "train": ["train"],
