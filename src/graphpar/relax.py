@@ -428,6 +428,7 @@ def relax_dataset(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     write: bool = True,
+    ids: list[str] | None = None,
     **relax_options,
 ) -> list[dict]:
     """Relax `samples` in batches; write `out_dir/<sid>.extxyz` (and `<sid>.traj.extxyz`).
@@ -439,7 +440,8 @@ def relax_dataset(
     `device` defaults to the model's. Returns one summary dict per sample (sid, steps,
     converged, energy, path), read back from the file for skipped systems. `write=False` on
     all but one rank of a graph-parallel group: they relax the same batches (every rank takes
-    part in the model's collectives) and hold the same results.
+    part in the model's collectives) and hold the same results. `ids` are the samples'
+    `relaxation_ids` when the caller has them already (computed here otherwise).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -448,7 +450,8 @@ def relax_dataset(
         parameter = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = parameter.device if parameter is not None else torch.device("cpu")
     samples = list(samples)
-    ids = relaxation_ids(model, samples, relax_options, dtype)
+    if ids is None:
+        ids = relaxation_ids(model, samples, relax_options, dtype)
     summaries: dict[str, dict] = {}
     order: list[str] = []
     todo: list[tuple[str, object, str]] = []
@@ -624,6 +627,7 @@ def evaluate_relaxations(
     )
     samples = [dataset[i] for i in range(len(dataset))]
     options = {"fmax": fmax, "steps": steps, "cutoff": cutoff, "max_neighbors": max_neighbors}
+    relaxations = relaxation_ids(model, samples, options, None)  # for relaxing and reading back
     if is_main():
         print(f"relax {split}: {len(samples)} systems, G x D = {dims.gp_size} x {dims.dp_size}")
     with main_rank_lock(out_dir, "relaxation"):
@@ -637,13 +641,14 @@ def evaluate_relaxations(
             batch_size=batch_size,
             progress=is_main(),
             write=dims.gp_rank == 0,
+            ids=relaxations[dims.dp_rank :: dims.dp_size],
             **options,
         )
         if dims.world_size > 1:
             dist.barrier(group=finished)
         if dims.rank != 0:
             return None
-        summaries = read_relaxed(samples, out_dir, relaxation_ids(model, samples, options, None))
+        summaries = read_relaxed(samples, out_dir, relaxations)
     relaxed = [read(summary["path"]) for summary in summaries]
     ids = [str(summary["sid"]) for summary in summaries]
     energy = np.array([summary["energy"] for summary in summaries])
