@@ -157,7 +157,7 @@ def test_loader_fails_loudly():
     with pytest.raises(KeyError, match="missing scale factors"):
         load_fairchem_state_dict(GemNetT(**args).double(), no_scales)
     with pytest.raises(KeyError, match="unexpected scale factor"):
-        load_fairchem_state_dict(GemNetT(**args).double(), weights, {"IntBlock_1_sum": 1.0})
+        load_fairchem_state_dict(GemNetT(**args).double(), weights, {"IntBlock_3_sum": 1.0})
     with pytest.raises(ValueError, match="different values"):
         load_fairchem_state_dict(GemNetT(**args).double(), weights, {"OutBlock_0_sum": 0.123})
     missing = dict(weights)

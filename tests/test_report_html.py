@@ -30,6 +30,7 @@ PIPELINE_RULES = (
     "generate_mini",
     "preprocess_s2ef",
     "preprocess_is2re",
+    "fit_scale_factors",
     "train",
     "evaluate_s2ef",
     "relax",

@@ -219,14 +219,23 @@ def test_one_run_per_folder_and_a_resumed_run_refuses_replaced_data(data, tmp_pa
         trainer.log.handlers.clear()  # log_to's handlers on this run's train.log
 
 
-def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, tmp_path):
+def torchrun_config(data) -> dict:
+    """G = 2 under torchrun: the killed-rank and preemption tests' run."""
+    return run_config(data, "gemnet-tiny", gp_size=2, max_steps=6, checkpoint_every=2)
+
+
+@pytest.fixture(scope="module")
+def torchrun_reference(data, tmp_path_factory) -> dict:
+    """The uninterrupted run of torchrun_config (final.pt)."""
+    return train(torchrun_config(data), tmp_path_factory.mktemp("torchrun") / "run", processes=2)
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, torchrun_reference, tmp_path):
     """torchrun --max-restarts=1, G = 2: one rank killed by SIGKILL mid-run; the group restarts,
     resumes from the last checkpoint, and ends with the uninterrupted run's weights. (Without
     the trainer's per-attempt store prefix the restarted ranks read the dead attempt's gloo
     addresses and hang or fail to connect.)"""
-    config = run_config(data, "gemnet-tiny", gp_size=2, max_steps=6, checkpoint_every=2)
-    reference = train(config, tmp_path / "reference", processes=2)
-
+    config, reference = torchrun_config(data), torchrun_reference
     out = tmp_path / "restarted"
     process = launch(config, out, processes=2, torchrun_args=["--max-restarts=1"])
     wait_for_checkpoint(out, process, step=2)
@@ -236,6 +245,45 @@ def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, tmp_path):
     assert process.wait(timeout=500) == 0, (tmp_path / "restarted.log").read_text()[-4000:]
     assert "resumed from" in (tmp_path / "restarted.log").read_text()
     assert_equal(weights(read_checkpoint(out / "final.pt")), weights(reference))
+
+
+def test_a_signalled_worker_stops_every_rank_with_a_checkpoint_and_resumes(
+    data, torchrun_reference, tmp_path
+):
+    """Preemption under torchrun, G = 2: SIGUSR1 to ONE worker mid-run; both ranks stop after
+    the same step (the all-reduced stop flag), rank 0 writes checkpoint.pt at that step, the
+    workers exit with PREEMPTED (75; torchrun then fails), and the same command resumes at that
+    very step (no step lost or repeated) to exactly the uninterrupted run's weights."""
+    from graphpar.training.train import PREEMPTED
+
+    config = torchrun_config(data)
+    out = tmp_path / "preempted"
+    process = launch(config, out, processes=2)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert process.poll() is None and time.time() < deadline, "no training steps"
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGUSR1)  # rank 1: rank 0 learns it through the all-reduce
+    assert process.wait(timeout=300) != 0
+    log = (tmp_path / "preempted.log").read_text()
+    stopped = re.search(r"preempted at step (\d+), checkpoint written", log)
+    assert stopped, log[-4000:]
+    assert f"exitcode  : {PREEMPTED}" in log, log[-4000:]
+    step = int(stopped[1])
+    assert 1 <= step < 6 and read_checkpoint(out / "checkpoint.pt")["step"] == step
+    assert not (out / "final.pt").exists()
+
+    resumed = train(config, out, processes=2)
+    assert (
+        f"resumed from {out / 'checkpoint.pt'} at step {step} "
+        in (tmp_path / "preempted.log").read_text()
+    )
+    assert_equal(weights(resumed), weights(torchrun_reference))
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 7))
 
 
 def _children(pid: int) -> list[int]:

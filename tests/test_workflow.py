@@ -178,28 +178,45 @@ def test_bad_config_stops_with_the_key_named(tmp_path, edit, named):
     assert not (workdir / "resources").exists()
 
 
-def dry_run_error(workdir: Path, config: dict) -> str | None:
-    """Parse the workflow on `config` and dry-run its DAG in this process, as `snakemake -n
-    --configfile` does in a fraction of its start-up: the error that stops it, or None."""
+def dry_run(
+    workdir: Path,
+    config_file: Path,
+    overrides: dict | None = None,
+    cluster: bool = False,
+    targets: tuple[str, ...] = (),
+):
+    """Parse the workflow on `config_file` (plus `overrides`, as a profile's or the command
+    line's `config:`) and dry-run its DAG for `targets` (default: all) in this process, as
+    `snakemake -n --configfile` does in a fraction of its start-up: the DAG's jobs. Local
+    (`--cores 1`) or, with `cluster`, as through a cluster executor's profile, whose jobs'
+    threads no local core count caps."""
     from snakemake.api import SnakemakeApi
     from snakemake.settings.types import (
         ConfigSettings,
+        DAGSettings,
         OutputSettings,
         Quietness,
         ResourceSettings,
     )
 
+    resources = ResourceSettings(nodes=100) if cluster else ResourceSettings(cores=1)
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        parsed = api.workflow(
+            resources,
+            ConfigSettings(configfiles=[config_file], config=overrides or {}),
+            snakefile=REPO / "Snakefile",
+            workdir=workdir,
+        )
+        parsed.dag(DAGSettings(targets=set(targets))).execute_workflow(executor="dryrun")
+        return list(parsed._workflow.dag.jobs)
+
+
+def dry_run_error(workdir: Path, config: dict) -> str | None:
+    """dry_run() on `config`: the error that stops it, or None."""
     config_file = workdir / "config.yaml"
     config_file.write_text(yaml.safe_dump(config))
     try:
-        with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-            parsed = api.workflow(
-                ResourceSettings(cores=1),
-                ConfigSettings(configfiles=[config_file]),
-                snakefile=REPO / "Snakefile",
-                workdir=workdir,
-            )
-            parsed.dag().execute_workflow(executor="dryrun")
+        dry_run(workdir, config_file)
     except Exception as error:  # noqa: BLE001 (whatever stops the workflow, as the CLI shows it)
         return str(error)
     return None
@@ -251,6 +268,33 @@ TINY_SPLITS = "known: val_id, val_ood_ads, test_ood_cat, test_ood_both"
             "config scaling.runs.x: training config: batch_size 8 is not a multiple of D = 3",
             id="scaling batch over D",
         ),
+        pytest.param(
+            lambda c: c.update(site={"gpus_per_node": 1}),  # dimenetpp: G = 2
+            "config train.dimenetpp: G = 2 graph-parallel ranks do not fit in one node: "
+            "site.gpus_per_node = 1 is not a multiple of G (G x D = 2 x 1)",
+            id="G over a node",
+        ),
+        pytest.param(
+            lambda c: [
+                c.update(site={"gpus_per_node": 4}),
+                c["train"]["gemnet"].update(dp_size=3, batch_size=6),
+            ],
+            "config train.gemnet: G x D = 2 x 3 = 6 processes are not a multiple of "
+            "site.gpus_per_node = 4: they fill no whole number of nodes",
+            id="G x D over nodes",
+        ),
+        pytest.param(
+            lambda c: [c.update(site={"gpus_per_node": "4"}), c["evaluate"].update(dp_size=3)],
+            "config evaluate (relaxations): G x D = 2 x 3 = 6 processes are not a multiple of "
+            "site.gpus_per_node = 4",
+            id="relaxations over nodes",
+        ),
+        pytest.param(
+            lambda c: c["train"]["gemnet"].update(nodes=2),
+            "config train.gemnet: nodes: 2 is no longer a run key: a job spans "
+            "G x D / site.gpus_per_node nodes",
+            id="nodes key",
+        ),
     ],
 )
 def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, message):
@@ -265,6 +309,100 @@ def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, me
     else:
         assert error is not None and message in error.splitlines()[0], error
     assert not (tmp_path / "resources").exists()
+
+
+# Every torchrun and evaluation job of every paper config on a site of 8 GPUs per node:
+# (rule, run) -> (nodes, GPUs and torchrun processes per node). Evaluations use config evaluate's
+# defaults (G = D = 1); S2EF evaluation is one process on one GPU.
+PAPER_SHAPES = {
+    "dimenetpp-xl.yaml": {
+        ("train", "dimenetpp-xl"): (32, 8),  # G = 4 x D = 64
+        ("evaluate_s2ef", "dimenetpp-xl"): (1, 1),
+        ("relax", "dimenetpp-xl"): (1, 1),
+    },
+    "gemnet-xl.yaml": {
+        ("train", "gemnet-xl"): (32, 8),  # G = 4 x D = 64: the paper's 32 nodes of 8 V100s
+        ("train", "gemnet-xl-ft"): (32, 8),
+        ("evaluate_s2ef", "gemnet-xl"): (1, 1),
+        ("relax", "gemnet-xl"): (1, 1),
+    },
+    "oc20-200k.yaml": {
+        ("train", "dimenetpp"): (1, 2),  # G = 2
+        ("evaluate_s2ef", "dimenetpp"): (1, 1),
+    },
+    "scaling.yaml": {
+        ("scaling", "gemnet-125m-gp1"): (1, 1),
+        ("scaling", "gemnet-245m-gp2"): (1, 2),
+        ("scaling", "gemnet-480m-gp4"): (1, 4),
+        ("scaling", "gemnet-960m-gp8"): (1, 8),
+        ("scaling", "gemnet-125m-gp1-dp32"): (4, 8),
+        ("scaling", "gemnet-245m-gp2-dp32"): (8, 8),
+        ("scaling", "gemnet-480m-gp4-dp32"): (16, 8),
+        ("scaling", "gemnet-960m-gp8-dp32"): (32, 8),
+    },
+}
+RENDEZVOUS = (
+    "--rdzv_backend=c10d --rdzv_endpoint=$(hostname):$((29500 + SLURM_JOB_ID % 10000))"
+    " --rdzv_id=$SLURM_JOB_ID"
+)
+
+
+def sbatch_line(job) -> str:
+    """The sbatch command line the SLURM plugin (2.8) submits `job` with, less its account,
+    partition and log (from the site and the run)."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    names = {"run_uuid": "x", "slurm_logfile": "x.log", "comment_str": "x"}
+    params = {**names, "account": "", "partition": "", "workdir": "."}
+    return get_submit_command(job, params) + set_gres_string(job)
+
+
+def test_every_paper_run_is_shaped_for_a_site_of_8_gpus_per_node(tmp_path):
+    """The SLURM submission of every training, scaling, S2EF evaluation and relaxation job of
+    every config/paper/*.yaml with `site: {gpus_per_node: 8}` from a site profile (which hands
+    it over as the string "8"), rendered without submitting: nodes, one task per node, GPUs per
+    node, CPUs, and one torchrun agent per node with G x D / nodes processes."""
+    assert sorted(PAPER_SHAPES) == sorted(p.name for p in (REPO / "config/paper").glob("*.yaml"))
+    for name, expected in PAPER_SHAPES.items():
+        site = {"site": {"gpus_per_node": "8"}}
+        targets = ("all", "scaling_study") if name == "scaling.yaml" else ()
+        jobs = dry_run(tmp_path, REPO / "config/paper" / name, site, True, targets)
+        shapes = {}
+        for job in jobs:
+            if job.rule.name not in ("train", "scaling", "evaluate_s2ef", "relax"):
+                continue
+            key = (job.rule.name, job.wildcards.run)
+            what = f"{name}: {key}"
+            resources, command, sbatch = job.resources, job.shellcmd, sbatch_line(job)
+            nodes, per_node = resources["nodes"], int(resources["gres"].removeprefix("gpu:"))
+            shapes.setdefault(key, set()).add((nodes, per_node))
+            assert resources["tasks"] == nodes and resources["tasks_per_gpu"] == 0, what
+            assert f" --nodes={nodes} " in sbatch and f" --gres=gpu:{per_node}" in sbatch, what
+            assert f" --cpus-per-task={job.threads} " in sbatch, what
+            assert "--ntasks-per-gpu" not in sbatch, what
+            if job.rule.name == "evaluate_s2ef":
+                assert "--ntasks" not in sbatch and "torchrun" not in command, what
+                assert " python -m graphpar.evaluate s2ef " in f" {command}", what
+            elif nodes == 1:
+                assert resources["mpi"] == "" and "--ntasks" not in sbatch, what
+                assert "srun" not in command, what
+                launch = f" torchrun --standalone --nproc_per_node={per_node} -m "
+                assert command.count("torchrun") == 1 and launch in command, what
+            else:
+                assert resources["mpi"] == "srun" and f" --ntasks={nodes} " in sbatch, what
+                cpus = job.threads
+                launch = (
+                    f"srun --ntasks={nodes} --cpus-per-task={cpus} --kill-on-bad-exit=1 --label"
+                    f" torchrun --nnodes={nodes} --nproc_per_node={per_node} {RENDEZVOUS} -m "
+                )
+                assert command.count("torchrun") == 1 and launch in command, what
+        assert shapes == {key: {shape} for key, shape in expected.items()}, name
+    gemnet_xl = dry_run(
+        tmp_path, REPO / "config/paper/gemnet-xl.yaml", {"site": {"gpus_per_node": 8}}, True
+    )
+    train = next(j for j in gemnet_xl if j.rule.name == "train")
+    assert " --nodes=32 --ntasks=32 --cpus-per-task=72 " in sbatch_line(train)  # 8 x (1 + 8)
 
 
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

@@ -24,12 +24,13 @@ PROFILE = REPO / "workflow" / "profiles" / "slurm"
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$")
 
 
-def site_settings(root: Path, train_nodes: int | None = None) -> Path:
+def site_settings(root: Path, gpus_per_node: int | None = None) -> Path:
     """The test node's site profile, given after ours. It holds what a real cluster does not
     need: no accounting database (no account, squeue instead of sacct), status checks every
     second (the plugin first checks after 40 s, Snakemake then every 10 s), at most the
-    machine's CPUs per job, and optionally every train job on `train_nodes` nodes (2 "nodes"
-    emulated as 2 tasks on the one node)."""
+    machine's CPUs per job, and optionally the site's `gpus_per_node` (its `config:`, as a real
+    site profile sets it) with every node of a multi-node job emulated on the one test node: the
+    job's tasks (one torchrun agent each) share it."""
     settings = {
         "slurm-no-account": True,
         # sacct without a database: Snakemake hung for over 10 minutes and ignored SIGTERM.
@@ -38,11 +39,13 @@ def site_settings(root: Path, train_nodes: int | None = None) -> Path:
         "seconds-between-status-checks": 1,
         "max-threads": os.cpu_count() or 1,
     }
-    if train_nodes is not None:
+    if gpus_per_node is not None:
+        settings["config"] = {"site": {"gpus_per_node": gpus_per_node}}
         # A later profile replaces a whole top-level key: start from ours.
         ours = yaml.safe_load((PROFILE / "config.yaml").read_text())
         resources = ours["set-resources"]
-        resources["train"] = {**resources["train"], "nodes": train_nodes}
+        for rule in ("train", "scaling", "relax"):  # the rules whose jobs may span nodes
+            resources[rule] = {**resources[rule], "nodes": 1}
         settings["set-resources"] = resources
     profile = root / "site"
     profile.mkdir(parents=True, exist_ok=True)

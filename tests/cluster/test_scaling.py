@@ -1,15 +1,15 @@
 """The scaling study: the measuring rule on the CPU (tiny model, G = 2 through torchrun and
-gloo), and the job shapes of config/paper/scaling.yaml (Table 4: 1 to 256 GPUs)."""
+gloo). The SLURM shapes of config/paper/scaling.yaml's jobs (Table 4: 1 to 256 GPUs) are
+tests/test_workflow.py's, with every paper config's."""
 
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import pytest
 import yaml
-from conftest import REPO, run_snakemake
+from conftest import run_snakemake
 
 from graphpar.models import build_model
 
@@ -56,41 +56,3 @@ def test_scaling_rule_measures_a_graph_parallel_run(tiny_workflow, tmp_path):
     seconds = provenance["step_seconds_median"]
     assert result["tflops_per_gpu"] == pytest.approx(sum(flops) / 2 / seconds / 1e12)
     assert provenance["world_size"] == 2 and provenance["dataset_metadata_sha256"][0]
-
-
-def test_paper_scaling_study_shapes_every_job_for_slurm(tmp_path):
-    """Table 4's runs: G GPUs on one node, and x32 data parallel over 4 to 32 nodes of 8 GPUs
-    (one srun task and one torchrun agent per node, never a task per GPU)."""
-    workdir = tmp_path / "run"
-    shutil.copytree(REPO / "config", workdir / "config")
-    config = REPO / "config" / "paper" / "scaling.yaml"
-    result = run_snakemake(workdir, "scaling_study", "-n", "-p", "--configfile", str(config))
-    jobs = result.stdout.split("rule scaling:")[1:]
-    assert len(jobs) == 8
-    shapes = {}
-    for job in jobs:
-        name = re.search(r"wildcards: run=(\S+)", job)[1]
-        line = job.split("resources:", 1)[1].splitlines()[0]
-        resources = dict(re.findall(r"(\w+)=([^,\s]*)", line))
-        shapes[name] = resources
-        assert resources["tasks_per_gpu"] == "0" and resources["tasks"] == resources["nodes"]
-        nodes, per_node = int(resources["nodes"]), int(resources["gres"].split(":")[1])
-        if nodes == 1:
-            assert resources["mpi"] == "" and f"--standalone --nproc_per_node={per_node}" in job
-        else:
-            assert resources["mpi"] == "srun"
-            assert f"srun --ntasks={nodes} " in job
-            # One torchrun per task (srun passes on the shell prefix's PATH: common.smk).
-            assert f"--label torchrun --nnodes={nodes} --nproc_per_node={per_node}" in job
-            assert f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d" in job
-    gpus = {name: int(s["nodes"]) * int(s["gres"].split(":")[1]) for name, s in shapes.items()}
-    assert gpus == {
-        "gemnet-125m-gp1": 1,
-        "gemnet-245m-gp2": 2,
-        "gemnet-480m-gp4": 4,
-        "gemnet-960m-gp8": 8,
-        "gemnet-125m-gp1-dp32": 32,
-        "gemnet-245m-gp2-dp32": 64,
-        "gemnet-480m-gp4-dp32": 128,
-        "gemnet-960m-gp8-dp32": 256,
-    }

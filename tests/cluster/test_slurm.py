@@ -28,10 +28,10 @@ from graphpar.training.checkpoint import read_checkpoint
 # The fixtures' time counts too: the local tiny run, the SLURM daemons.
 pytestmark = pytest.mark.timeout(3600)
 
-# What the SLURM run builds of the tiny config: every rule and every launch shape once, not the
-# whole DAG (29 jobs, each starting Snakemake twice on its node): both trainings (gemnet on one
-# node, dimenetpp on two), the S2EF evaluation of the two-node checkpoint and one relaxation, on
-# the split that training validates on.
+# What the SLURM run builds of the tiny config: every rule once, not the whole DAG (29 jobs, each
+# starting Snakemake twice on its node): both trainings (one node each), the S2EF evaluation of
+# one checkpoint and one relaxation, on the split that training validates on. The multi-node
+# launch is test_killed_multi_node_training_job_fails_and_resumes's.
 SLURM_TARGETS = (
     "results/tiny/checkpoints/gemnet/final.pt",
     "results/tiny/checkpoints/dimenetpp/final.pt",
@@ -47,6 +47,7 @@ SLURM_OUTPUTS = (
     "resources/mini/lmdb/s2ef/val_id/*",
     "resources/mini/lmdb/is2re/val_id/*",
     "results/tiny/checkpoints/*",
+    "results/tiny/scale_factors/*",  # a GemNet run's fitted scale factors, where it has a rule
     "results/tiny/metrics/*/training.jsonl",
     "results/tiny/*/dimenetpp/s2ef_val_id.*",
     "results/tiny/*/gemnet/is2r[se]_val_id.*",
@@ -54,8 +55,7 @@ SLURM_OUTPUTS = (
 )
 
 # What differs between two runs of one computation: the fields that measure the run itself,
-# and the provenance (the SLURM run's dimenetpp config says `nodes: 2`, so its checkpoint's
-# sha256 differs).
+# and the provenance (the machine and the launch).
 MACHINE_KEYS = {*RUN_MEASURES, "provenance"}
 
 
@@ -146,20 +146,14 @@ def assert_outputs_match(local: Path, remote: Path, outputs: tuple[str, ...]) ->
 
 def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_path, monkeypatch):
     """Every job of SLURM_TARGETS is an sbatch job (its SLURM id in Snakemake's log, SLURM's
-    own log for it), and these jobs cover every rule the local tiny run ran; gemnet trains as
-    one task running torchrun with 2 processes, dimenetpp through the multi-node path (2
-    "nodes" emulated as 2 srun tasks on the one node, two torchrun agents at one c10d
-    rendezvous); every output has the local run's bits."""
+    own log for it), and these jobs cover every rule the local tiny run ran; each training is
+    one task running torchrun with 2 processes (a site of 2 GPUs per node); every output has
+    the local run's bits."""
     monkeypatch.setenv("LOGLEVEL", "INFO")  # torchrun then logs each agent's rendezvous
     workdir = copy_test_workdir(tmp_path / "run")
-    config_file = workdir / "config" / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config["train"]["dimenetpp"]["nodes"] = 2
-    # In the file's order: gemnet's checkpoint, which saves its config, then has the local bytes.
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     started = time.monotonic()
-    result = run_on_slurm(workdir, site_settings(tmp_path, train_nodes=1), *SLURM_TARGETS)
+    result = run_on_slurm(workdir, site_settings(tmp_path, gpus_per_node=2), *SLURM_TARGETS)
     print(f"tiny workflow on SLURM: {time.monotonic() - started:.0f} s")
     output = result.stdout
     assert result.returncode == 0, output[-6000:]
@@ -175,29 +169,31 @@ def test_tiny_workflow_on_slurm_matches_the_local_run(slurm, tiny_workflow, tmp_
         assert f"rule {rule_of(log)}:" in log.read_text(), log
 
     logs = workdir / "logs" / "train" / "tiny"
-    agents = rendezvous((logs / "gemnet.log").read_text())
-    assert len(agents) == 1 and agents[0]["global_world_sizes"] == "[2, 2]"
-    agents = rendezvous((logs / "dimenetpp.log").read_text())
-    assert len(agents) == 2, "one torchrun agent per node"
-    assert sorted(a["group_rank"] for a in agents) == ["0", "1"]
-    assert {a["group_world_size"] for a in agents} == {"2"}
+    for run in ("gemnet", "dimenetpp"):
+        agents = rendezvous((logs / f"{run}.log").read_text())
+        assert len(agents) == 1 and agents[0]["global_world_sizes"] == "[2, 2]", run
 
     assert_outputs_match(tiny_workflow, workdir, SLURM_OUTPUTS)
 
 
-def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tmp_path):
-    """A run of G x D = 2 x 2 asks for 4 GPUs and gets one task (SLURM's record and the sbatch
-    line) running one torchrun of 4 processes; `scancel` of it is reported by Snakemake as a
-    failure with the job's log, the profile's retry resubmits it and training resumes from the
-    checkpoint instead of starting over."""
+def test_killed_multi_node_training_job_fails_and_resumes(slurm, tiny_workflow, tmp_path):
+    """A run of G x D = 2 x 2 on a site of 2 GPUs per node spans 2 nodes (emulated on the one
+    test node): 2 GPUs per node and one task per node (SLURM's record and the sbatch line, never
+    a task per GPU), each running a torchrun agent of 2 processes at one c10d rendezvous;
+    `scancel` of it is reported by Snakemake as a failure with the job's log, the profile's
+    retry resubmits it and training resumes from the checkpoint instead of starting over."""
     workdir = tmp_path / "run"
     shutil.copytree(tiny_workflow / "config", workdir / "config")
     shutil.copytree(tiny_workflow / "resources", workdir / "resources")  # no re-preprocessing
+    # The tiny run's fitted scale factors (same model): no fitting job before this one.
+    fitted = workdir / "scale_factors.json"
+    shutil.copy(tiny_workflow / "results/tiny/scale_factors/gemnet.json", fitted)
     config_file = workdir / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
     steps = 10  # cancelled once its first checkpoint exists, the job resumes for the rest
     config["train"]["gp4"] = {
         "model": "gemnet-tiny",
+        "scale_factors": str(fitted),
         "gp_size": 2,
         "dp_size": 2,
         "train": ["train"],
@@ -207,7 +203,7 @@ def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tm
         "eval_every": 10**6,
     }
     config_file.write_text(yaml.safe_dump(config))
-    site = site_settings(tmp_path)
+    site = site_settings(tmp_path, gpus_per_node=2)
     target = "results/tiny/checkpoints/gp4/final.pt"
     command = slurm_snakemake(workdir, site, "--verbose", target)
     env = dict(tool_env(), LOGLEVEL="INFO")  # torchrun then logs its rendezvous
@@ -238,26 +234,31 @@ def test_killed_four_gpu_training_job_fails_and_resumes(slurm, tiny_workflow, tm
     output = out_file.read_text()
     assert snakemake.returncode == 0, output[-6000:]
 
-    # SLURM's record: one task with 4 GPUs; the plugin's sbatch line asked for nothing more.
-    assert re.search(r"\bNumTasks=1\b", record), record
-    assert "TresPerNode=gres:gpu:4" in record, record
-    sbatch = [line for line in output.splitlines() if "sbatch call:" in line]
+    # SLURM's record: a task per node with 2 GPUs per node (both "nodes" on the test node).
+    assert re.search(r"\bNumTasks=2\b", record), record
+    assert "TresPerNode=gres:gpu:2" in record, record
+    # (The training's jobs only: a GemNet run may first fit its scale factors in a job of its own.)
+    calls = [line for line in output.splitlines() if "sbatch call:" in line]
+    sbatch = [line for line in calls if "--comment rule_train_wildcards_gp4 " in line]
     assert len(sbatch) == 2, "the killed job and its retry"
     for line in sbatch:
-        assert "--gres=gpu:4" in line and "--ntasks-per-gpu" not in line, line
-        assert not re.search(r"--ntasks[= ](?!1\b)", line), line
+        assert "--gres=gpu:2" in line and "--ntasks-per-gpu" not in line, line
+        assert "--ntasks=2 " in line and "--nodes=1 " in line, line  # the site's 1: emulated
 
     # Snakemake reported the killed job as failed, with its logs, then resubmitted it.
     assert "Error in rule train" in output
     assert "logs/train/tiny/gp4.log" in output
-    submitted = submissions(output)
+    submitted = [s for s in submissions(output) if rule_of(s[2]) == "train"]
     assert [slurm_id for _, slurm_id, _ in submitted][0] == int(job[0])
     assert len(submitted) == 2
     assert str(submitted[0][2]) in output.split("Error in rule train", 1)[1]
 
-    # The retry resumed: one torchrun of 4 processes, starting from a checkpointed step.
+    # The retry resumed: two torchrun agents of 2 processes each, from a checkpointed step.
     agents = rendezvous((workdir / "logs/train/tiny/gp4.log").read_text())
-    assert len(agents) == 1 and agents[0]["global_world_sizes"] == "[4, 4, 4, 4]"
+    assert len(agents) == 2, "one torchrun agent per node"
+    assert sorted(a["group_rank"] for a in agents) == ["0", "1"]
+    assert {a["group_world_size"] for a in agents} == {"2"}
+    assert {a["global_world_sizes"] for a in agents} == {"[4, 4]"}
     train_log = (workdir / "results/tiny/checkpoints/gp4/train.log").read_text()
     resumed = re.search(r"resumed from \S+ at step (\d+)", train_log)
     assert resumed and 1 <= int(resumed[1]) < steps, train_log

@@ -128,9 +128,21 @@ def train_split_dir(run, split):
     return f"resources/{DATASET}/lmdb/{task}/{split}"
 
 
+def no_nodes_key(name, run_config):
+    """Runs no longer say their nodes: a job's nodes follow from G x D and the site's GPUs per
+    node (cluster section below), so an old config's `nodes` stops with what to do instead."""
+    if "nodes" in run_config:
+        raise ValueError(
+            f"config {name}: nodes: {run_config['nodes']} is no longer a run key: a job spans "
+            "G x D / site.gpus_per_node nodes (set site.gpus_per_node in the site profile; "
+            'config/README.md, "Cluster execution")'
+        )
+
+
 def train_config(run):
     """The full graphpar.training config of a run: split names resolved to folders, validated."""
     run_config = dict(config["train"][run])
+    no_nodes_key(f"train.{run}", run_config)
     run_config["train"] = [train_split_dir(run, split) for split in run_config["train"]]
     if run_config.get("val") is not None:
         run_config["val"] = train_split_dir(run, run_config["val"])
@@ -181,11 +193,6 @@ def s2ef_eval_splits():
 
 def s2ef_metrics(run, split):
     return f"{RESULTS}/metrics/{run}/s2ef_{split}.json"
-
-
-def relax_processes():
-    """torchrun processes of a relaxation job: G x D of config evaluate."""
-    return config["evaluate"]["gp_size"] * config["evaluate"]["dp_size"]
 
 
 def relax_splits():
@@ -267,58 +274,102 @@ def unless_kept(path):
 
 
 # ---- cluster ----------------------------------------------------------------------------------
-# How a torchrun job (training, scaling) is shaped for a scheduler: SLURM through
-# workflow/profiles/slurm; shapes in config/README.md. One node: one task running
-# `torchrun --standalone`. Several nodes (a run's `nodes`): one task per node, started by `srun`
-# through the SLURM plugin's MPI path, each a torchrun agent; the agents meet at a c10d
-# rendezvous on the job's first node. These helpers take a run's validated config.
+# How a torchrun job (training, scaling, relaxation) is shaped for a scheduler: SLURM through
+# workflow/profiles/slurm; shapes in config/README.md ("Cluster execution"). A job of G x D
+# processes (one GPU each) spans nodes = G x D / site.gpus_per_node, the site's GPUs per node
+# (null: any job on one node). One node: one task running `torchrun --standalone`. Several nodes:
+# one task per node, started by `srun` through the SLURM plugin's MPI path, each a torchrun agent;
+# the agents meet at a c10d rendezvous on the job's first node. Checked for every job when the
+# workflow starts: a job that does not fit the site stops it, naming the run and the numbers.
 
 RDZV_PORT = 29500  # + job id modulo 10000, so jobs sharing a first node use different ports
 
 
-def launch_processes(run_config):
-    """torchrun processes of a run: G x D (D defaults to 1 in the workflow)."""
-    return run_config["gp_size"] * (run_config["dp_size"] or 1)
+def site_gpus_per_node():
+    """site.gpus_per_node as a number, or None. A profile's or the command line's `config:`
+    hands Snakemake nested values as strings ("8"): the schema accepts digits, this converts."""
+    value = config["site"]["gpus_per_node"]
+    return None if value is None else int(value)
 
 
-def processes_per_node(run_config):
-    """torchrun processes (GPUs) on each node: G x D / nodes."""
-    return launch_processes(run_config) // run_config["nodes"]
+GPUS_PER_NODE = site_gpus_per_node()
 
 
-def cpus_per_node(run_config):
+def launch_shape(name, gp_size, dp_size, device="auto", num_workers=0):
+    """The shape of a job of G x D processes on this site: a dict of `name` (the config key, for
+    messages), processes, nodes, per_node (processes and GPUs per node), gpu (whether it asks
+    for GPUs: not when pinned to the CPU), num_workers (DataLoader workers per process).
+
+    A job that fits one node takes G x D of its GPUs; a larger one takes whole nodes, with every
+    graph-parallel group (G consecutive ranks) inside one node: G must divide GPUs per node and
+    G x D must be a multiple of it."""
+    processes, per_node = gp_size * dp_size, GPUS_PER_NODE
+    where = f"site.gpus_per_node = {per_node}"
+    if per_node is not None and processes > per_node:
+        if gp_size > per_node or per_node % gp_size:
+            raise ValueError(
+                f"config {name}: G = {gp_size} graph-parallel ranks do not fit in one node: "
+                f"{where} is not a multiple of G (G x D = {gp_size} x {dp_size})"
+            )
+        if processes % per_node:
+            raise ValueError(
+                f"config {name}: G x D = {gp_size} x {dp_size} = {processes} processes are not "
+                f"a multiple of {where}: they fill no whole number of nodes"
+            )
+    nodes = 1 if per_node is None or processes <= per_node else processes // per_node
+    return {
+        "name": name,
+        "processes": processes,
+        "nodes": nodes,
+        "per_node": processes // nodes,
+        "gpu": device != "cpu",
+        "num_workers": num_workers,
+    }
+
+
+def run_shape(name, run_config):
+    """The shape of a training or scaling run (its validated config; D defaults to 1)."""
+    return launch_shape(
+        name,
+        run_config["gp_size"],
+        run_config["dp_size"] or 1,
+        run_config["device"],
+        run_config["num_workers"],
+    )
+
+
+def cpus_per_node(shape):
     """Each process (GPU) gets one CPU plus one per DataLoader worker."""
-    return processes_per_node(run_config) * (1 + run_config["num_workers"])
+    return shape["per_node"] * (1 + shape["num_workers"])
 
 
-def gpus_per_node(run_config):
-    """A SLURM --gres request: a GPU per process, none for a run pinned to the CPU."""
-    if run_config["device"] == "cpu":
-        return ""
-    return f"gpu:{processes_per_node(run_config)}"
+def gres(shape):
+    """A SLURM --gres request per node: a GPU per process, none for a job pinned to the CPU."""
+    return f"gpu:{shape['per_node']}" if shape["gpu"] else ""
 
 
-def mpi_launcher(run_config):
-    """The plugin's MPI launcher (resources.mpi) for multi-node runs; none on one node."""
-    return "srun" if run_config["nodes"] > 1 else ""
+def mpi_launcher(shape):
+    """The plugin's MPI launcher (resources.mpi) for multi-node jobs; none on one node."""
+    return "srun" if shape["nodes"] > 1 else ""
 
 
-# A rule's shell: `{resources.mpi} {params.srun}torchrun {params.torchrun} -m ...`.
-def srun_options(run_config):
+# A rule's shell: `{params.requires_slurm}{resources.mpi} {params.srun}torchrun
+# {params.torchrun} -m ...`.
+def srun_options(shape):
     """srun's options on several nodes (one torchrun per task), with a trailing space; none on
     one node."""
-    nodes = run_config["nodes"]
+    nodes = shape["nodes"]
     if nodes == 1:
         return ""
-    cpus = cpus_per_node(run_config)
+    cpus = cpus_per_node(shape)
     return f"--ntasks={nodes} --cpus-per-task={cpus} --kill-on-bad-exit=1 --label "
 
 
-def torchrun_options(run_config):
+def torchrun_options(shape):
     """torchrun's options: standalone on one node, else a c10d rendezvous. The batch script runs
     on the first node of the allocation, so its hostname (expanded there, before srun) is the
     rendezvous host."""
-    nodes, per_node = run_config["nodes"], processes_per_node(run_config)
+    nodes, per_node = shape["nodes"], shape["per_node"]
     if nodes == 1:
         return f"--standalone --nproc_per_node={per_node}"
     return (
@@ -328,28 +379,28 @@ def torchrun_options(run_config):
     )
 
 
-def requires_slurm(name, run_config):
-    """A shell guard: a multi-node run started outside SLURM stops with the reason."""
-    if run_config["nodes"] == 1:
+def requires_slurm(shape):
+    """A shell guard: a multi-node job started outside SLURM stops with the reason."""
+    if shape["nodes"] == 1:
         return ""
     message = (
-        f"{name} has nodes: {run_config['nodes']}: multi-node runs need a SLURM allocation "
-        "(snakemake --profile workflow/profiles/slurm), or set nodes: 1"
+        f"{shape['name']}: G x D = {shape['processes']} processes on {shape['nodes']} nodes of "
+        f"{GPUS_PER_NODE} GPUs (site.gpus_per_node): multi-node jobs need a SLURM allocation "
+        "(snakemake --profile workflow/profiles/slurm --profile SITE)"
     )
     return f'[ -n "${{SLURM_JOB_ID:-}}" ] || {{ echo "{message}" >&2; exit 1; }}; '
 
 
-def check_layout(name, run_config):
-    processes, nodes = launch_processes(run_config), run_config["nodes"]
-    if processes % nodes:
-        raise ValueError(
-            f"config {name}: G x D = {processes} processes do not split evenly over "
-            f"nodes: {nodes}"
-        )
+# Every job's shape, checked at startup. S2EF evaluation is one process (one GPU) for now.
+TRAIN_SHAPES = {run: run_shape(f"train.{run}", run_config) for run, run_config in TRAIN.items()}
+RELAX_SHAPE = launch_shape(
+    "evaluate (relaxations)", config["evaluate"]["gp_size"], config["evaluate"]["dp_size"]
+)
 
 
-for _run, _run_config in TRAIN.items():  # every run's node layout checked at startup
-    check_layout(f"train.{_run}", _run_config)
+def evaluate_s2ef_gres(run):
+    """S2EF evaluation of a run: one process, one GPU unless the run is pinned to the CPU."""
+    return gres(launch_shape(f"train.{run} (S2EF evaluation)", 1, 1, TRAIN[run]["device"]))
 
 
 # The scaling study (config/paper/scaling.yaml): throughput runs, validated like training runs.
@@ -359,6 +410,7 @@ SCALING = config["scaling"]
 def scaling_config(run):
     """A scaling run's graphpar.training config: S2EF split names resolved to folders."""
     run_config = dict(SCALING["runs"][run])
+    no_nodes_key(f"scaling.runs.{run}", run_config)
     for split in run_config["train"]:
         if split not in s2ef_splits():
             raise ValueError(
@@ -369,14 +421,15 @@ def scaling_config(run):
     # The trainer's config wants a length; a scaling run's is its warmup and measured steps.
     run_config.setdefault("max_steps", SCALING["warmup"] + SCALING["steps"])
     try:
-        run_config = load_config(run_config)
+        return load_config(run_config)
     except TrainingError as error:
         raise ValueError(f"config scaling.runs.{run}: {error}") from None
-    check_layout(f"scaling.runs.{run}", run_config)
-    return run_config
 
 
 SCALING_RUNS = {run: scaling_config(run) for run in SCALING["runs"]}
+SCALING_SHAPES = {
+    run: run_shape(f"scaling.runs.{run}", run_config) for run, run_config in SCALING_RUNS.items()
+}
 
 
 def scaling_result(run):
@@ -460,3 +513,34 @@ def report_targets():
     tables = [f"results/tables/{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex")]
     figures = [f"results/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")]
     return tables + figures + [report_config_path()]
+
+
+# GemNet runs whose config names no `scale_factors` file and that start from no init_checkpoint
+# (fine-tuning keeps its checkpoint's factors) train with the factors the rule
+# fit_scale_factors (train.smk) fits first: their config's `scale_factors` is set to that file
+# here, before any job starts.
+def fits_scale_factors(run_config):
+    return (
+        run_config["model"].startswith("gemnet")
+        and run_config["scale_factors"] is None
+        and run_config["init_checkpoint"] is None
+    )
+
+
+FIT_SCALE_FACTORS = {
+    run: dict(run_config) for run, run_config in TRAIN.items() if fits_scale_factors(run_config)
+}
+
+
+def scale_factor_file(run):
+    return f"{RESULTS}/scale_factors/{run}.json"
+
+
+for _run in FIT_SCALE_FACTORS:
+    TRAIN[_run]["scale_factors"] = scale_factor_file(_run)
+
+
+def scale_factor_inputs(run):
+    """The fitted scale-factor file of a run, as a train input (a named file is checked by the
+    trainer when it starts: relative to the working directory, like the config's other paths)."""
+    return [scale_factor_file(run)] if run in FIT_SCALE_FACTORS else []

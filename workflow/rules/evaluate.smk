@@ -21,6 +21,11 @@ rule evaluate_s2ef:
     resources:
         mem_mb=4000,
         runtime=12 * 60,
+        # SLURM: one process on one GPU for now (none for a run pinned to the CPU), one task.
+        nodes=1,
+        tasks=1,
+        gres=lambda wildcards: evaluate_s2ef_gres(wildcards.run),
+        tasks_per_gpu=0,  # see the train rule: no --ntasks-per-gpu
     shell:
         "python -m graphpar.evaluate s2ef --checkpoint {input.checkpoint} --data {input.data}"
         " --split {wildcards.split} --metrics {output.metrics}"

@@ -2,7 +2,8 @@
 # batched L-BFGS; relaxed structures under results/<experiment>/relaxations/<run>/<split>/
 # (resumed when a job is restarted), IS2RS and IS2RE metrics (FbT/AFbT from the oracle
 # calculator) and OC20 submission-format predictions. torchrun starts G x D processes
-# (config evaluate.gp_size, evaluate.dp_size; 1 by default).
+# (config evaluate.gp_size, evaluate.dp_size; 1 by default), shaped like a training job
+# (common.smk, "cluster": on G x D / site.gpus_per_node nodes when larger than one).
 
 
 rule relax:
@@ -22,20 +23,29 @@ rule relax:
         split="|".join(relax_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: max(2, relax_processes())
+    threads: max(2, cpus_per_node(RELAX_SHAPE))
     resources:
         mem_mb=4000,
         runtime=24 * 60,
+        # As the train rule's: per node GPUs and CPUs, one task per node.
+        nodes=RELAX_SHAPE["nodes"],
+        tasks=RELAX_SHAPE["nodes"],
+        gres=gres(RELAX_SHAPE),
+        tasks_per_gpu=0,  # see the train rule: no --ntasks-per-gpu
+        mpi=mpi_launcher(RELAX_SHAPE),
     params:
         out_dir=lambda wildcards: f"{RESULTS}/relaxations/{wildcards.run}/{wildcards.split}",
         metrics_dir=lambda wildcards: f"{RESULTS}/metrics/{wildcards.run}",
         predictions_dir=lambda wildcards: f"{RESULTS}/predictions/{wildcards.run}",
         oracle=config["evaluate"]["oracle"],
-        processes=relax_processes(),
+        srun=srun_options(RELAX_SHAPE),
+        torchrun=torchrun_options(RELAX_SHAPE),
+        requires_slurm=requires_slurm(RELAX_SHAPE),
         gp_size=config["evaluate"]["gp_size"],
         steps=config["evaluate"]["relax_steps"],
     shell:
-        "torchrun --standalone --nproc_per_node={params.processes} -m graphpar.relax"
+        "{params.requires_slurm}{resources.mpi} {params.srun}torchrun {params.torchrun}"
+        " -m graphpar.relax"
         " --gp-size {params.gp_size} --checkpoint {input.checkpoint} --data {input.data}"
         " --split {wildcards.split} --out-dir {params.out_dir}"
         " --metrics-dir {params.metrics_dir} --predictions-dir {params.predictions_dir}"

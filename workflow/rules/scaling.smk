@@ -21,23 +21,21 @@ rule scaling:
         run="|".join(map(re.escape, SCALING_RUNS)) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: lambda wildcards: cpus_per_node(SCALING_RUNS[wildcards.run])
+    threads: lambda wildcards: cpus_per_node(SCALING_SHAPES[wildcards.run])
     resources:
         mem_mb=8000,
         runtime=60,
         # As the train rule's: per node GPUs and CPUs, one task per node.
-        nodes=lambda wildcards: SCALING_RUNS[wildcards.run]["nodes"],
-        tasks=lambda wildcards: SCALING_RUNS[wildcards.run]["nodes"],
-        gres=lambda wildcards: gpus_per_node(SCALING_RUNS[wildcards.run]),
+        nodes=lambda wildcards: SCALING_SHAPES[wildcards.run]["nodes"],
+        tasks=lambda wildcards: SCALING_SHAPES[wildcards.run]["nodes"],
+        gres=lambda wildcards: gres(SCALING_SHAPES[wildcards.run]),
         tasks_per_gpu=0,  # see the train rule: no --ntasks-per-gpu
-        mpi=lambda wildcards: mpi_launcher(SCALING_RUNS[wildcards.run]),
+        mpi=lambda wildcards: mpi_launcher(SCALING_SHAPES[wildcards.run]),
     params:
         config=lambda wildcards: json.dumps(SCALING_RUNS[wildcards.run]),
-        srun=lambda wildcards: srun_options(SCALING_RUNS[wildcards.run]),
-        torchrun=lambda wildcards: torchrun_options(SCALING_RUNS[wildcards.run]),
-        requires_slurm=lambda wildcards: requires_slurm(
-            f"scaling.runs.{wildcards.run}", SCALING_RUNS[wildcards.run]
-        ),
+        srun=lambda wildcards: srun_options(SCALING_SHAPES[wildcards.run]),
+        torchrun=lambda wildcards: torchrun_options(SCALING_SHAPES[wildcards.run]),
+        requires_slurm=lambda wildcards: requires_slurm(SCALING_SHAPES[wildcards.run]),
         warmup=SCALING["warmup"],
         steps=SCALING["steps"],
     shell:

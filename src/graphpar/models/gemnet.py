@@ -31,9 +31,12 @@ marked `# Graph parallel:`.
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,7 @@ from graphpar.parallel import (
 
 __all__ = [
     "FAIRCHEM_NAME_MAP",
+    "PAPER_UNUSED_SCALE_FACTOR",
     "AtomUpdateBlock",
     "Dense",
     "EdgeEmbedding",
@@ -64,6 +68,9 @@ __all__ = [
     "TripletInteraction",
     "fairchem_to_graphpar_name",
     "load_fairchem_state_dict",
+    "load_scale_factors",
+    "read_scale_factors",
+    "resolve_scale_factors",
 ]
 
 _INV_SQRT_2 = 1 / math.sqrt(2.0)
@@ -114,15 +121,17 @@ def _mark_replicated(module: nn.Module) -> None:
 
 
 class ScaleFactor(nn.Module):
-    """Multiplies by a fitted constant (buffer `scale_factor`, 1 until loaded). `name` is its
-    key in fairchem's scale files (e.g. "OutBlock_0_sum")."""
+    """Multiplies by a fitted constant (buffer `scale_factor`, 1 until loaded or fitted). `name`
+    is its key in fairchem's scale files (e.g. "OutBlock_0_sum"). `ref`: the tensor whose
+    variance the scaled output should keep (fairchem's `ref=`), read only by the fitting's
+    forward hooks (`graphpar.fit_scale_factors`)."""
 
     def __init__(self, name: str):
         super().__init__()
         self.name = name
         self.register_buffer("scale_factor", torch.tensor(1.0))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, ref: Tensor | None = None) -> Tensor:
         return x * self.scale_factor
 
 
@@ -252,14 +261,15 @@ class TripletInteraction(nn.Module):
         """m, rbf3, cbf3: this rank's edges; id3_ca, ragged (local edge ids): its triplets;
         id3_ba, id_swap: global edge ids. `edge_sizes`: edges per rank (None: serial)."""
         x_ba = self.dense_ba(m)
-        x_ba = self.scale_rbf(x_ba * self.mlp_rbf(rbf3))
+        x_ba = self.scale_rbf(x_ba * self.mlp_rbf(rbf3), ref=x_ba)
         x_ba = self.down_projection(x_ba)
         if edge_sizes is not None:
             # Graph parallel: all-gather of the down-projected input-edge features (the narrowest
             # tensor on the triplet path); backward reduce-scatters into each owner's slice.
             x_ba = gather_for_partitioned(x_ba, edge_sizes)
-        x = self.mlp_cbf(cbf3, x_ba[id3_ba], id3_ca, ragged)
-        x = self.scale_cbf_sum(x)
+        x_ba = x_ba[id3_ba]  # per triplet
+        x = self.mlp_cbf(cbf3, x_ba, id3_ca, ragged)
+        x = self.scale_cbf_sum(x, ref=x_ba)
         x_ca = self.up_projection_ca(x)
         if edge_sizes is not None:
             # Graph parallel: all-gather of the bilinear output, read at the reverse edges.
@@ -283,7 +293,7 @@ class AtomUpdateBlock(nn.Module):
     def aggregate(self, m: Tensor, rbf: Tensor, idx_t: Tensor, num_atoms: int) -> Tensor:
         x = scatter_sum(m * self.dense_rbf(rbf), idx_t, num_atoms)
         # Graph parallel: local scatter of this rank's edges, then all-reduce of the partial sums.
-        return self.scale_sum(reduce_partial(x))
+        return self.scale_sum(reduce_partial(x), ref=m)
 
     def forward(self, m: Tensor, rbf: Tensor, idx_t: Tensor, num_atoms: int) -> Tensor:
         x = self.aggregate(m, rbf, idx_t, num_atoms)
@@ -338,7 +348,7 @@ class OutputBlock(AtomUpdateBlock):
         x_f = m
         for layer in self.seq_forces:
             x_f = layer(x_f)
-        x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(rbf))
+        x_f = self.scale_rbf_F(x_f * self.dense_rbf_F(rbf), ref=x_f)
         return energy, self.out_forces(x_f)
 
 
@@ -471,7 +481,10 @@ class GemNetT(nn.Module):
         if activation.lower() not in {"silu", "swish"}:
             raise ValueError(f"unsupported activation {activation!r}")
         if scale_file is not None:
-            raise ValueError("pass scale factors to load_fairchem_state_dict instead of a file")
+            raise ValueError(
+                "scale_file: load the file with graphpar.models.gemnet.load_scale_factors (the "
+                "training config's `scale_factors` key does) after building the model"
+            )
         exponent = int(envelope.get("exponent", 5))
         self.num_blocks = num_blocks
         self.num_targets = num_targets
@@ -677,11 +690,10 @@ def load_fairchem_state_dict(
     """Load fairchem `gemnet_t` weights into `model`, strictly.
 
     `state_dict`: fairchem names (a checkpoint's "module." prefix is stripped). `scale_factors`:
-    values of the ScaleFactors not in the state_dict, keyed by state_dict name
-    ("out_blocks.0.scale_sum.scale_factor") or fairchem scale-file name ("OutBlock_0_sum"); a
-    value may be a number or {"value": number}. Raises if a tensor or scale factor is missing,
-    unknown, has the wrong shape, is given twice with different values, or if an alias
-    (`seq_energy`) differs from its original.
+    values of the ScaleFactors not in the state_dict (a checkpoint's `scale_dict`, or a scale
+    file read by `read_scale_factors`), with the names and rules of `resolve_scale_factors`.
+    Raises if a tensor or scale factor is missing, unknown, has the wrong shape, is given twice
+    with different values, or if an alias (`seq_energy`) differs from its original.
     """
     state_dict = {
         (key[len("module.") :] if key.startswith("module.") else key): value
@@ -701,20 +713,12 @@ def load_fairchem_state_dict(
             raise ValueError(f"{key} is not an alias of {original}")
 
     factors = model.scale_factors()
-    by_fairchem = {module.name: name for name, module in factors.items()}
-    for key, value in (scale_factors or {}).items():
-        name = key if key in factors else by_fairchem.get(key)
-        if name is None:
-            raise KeyError(f"unexpected scale factor {key!r}; known: {sorted(by_fairchem)}")
-        if isinstance(value, Mapping):
-            value = value["value"]
-        value = torch.as_tensor(float(value), dtype=torch.float64)
+    given = resolve_scale_factors(model, scale_factors or {}, provided=set(ours) & set(factors))
+    for name, value in given.items():
+        value = torch.as_tensor(value, dtype=torch.float64)
         if name in ours and not torch.equal(ours[name].double(), value):
             raise ValueError(f"scale factor {name} given twice with different values")
         ours[name] = value
-    missing = sorted(set(factors) - set(ours))
-    if missing:
-        raise KeyError(f"missing scale factors: {missing}")
 
     expected = model.state_dict()
     for key, value in ours.items():
@@ -724,3 +728,114 @@ def load_fairchem_state_dict(
             )
     model.load_state_dict(ours, strict=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale-factor files (fairchem's `scale_file`)
+# ----------------------------------------------------------------------------------------------
+
+# gemnet-xl.json (fairchem configs/s2ef/all/gp_gemnet/scaling_factors/, commit f1c77f61d203, the
+# paper's code) names the interaction blocks' atom-update factors "IntBlock_{i}_sum", while the
+# model code of that commit registers them as "AtomUpdate_{i}_sum"
+# (ocpmodels/models/gemnet_gp/layers/interaction_block.py). Its loader looked each factor up by
+# the model's name and left a factor it did not find at its initial value, 1.0 (AutomaticFit.
+# load_maybe in ocpmodels/models/gemnet_gp/layers/scaling.py; read_value_json returns None), and
+# never read the file's other keys. So the paper's GemNet-XL trained with AtomUpdate_{i}_sum = 1.0
+# and the file's IntBlock_{i}_sum values unused. We do the same, explicitly: an
+# "IntBlock_{i}_sum" key is accepted for a model with interaction block i, its value is ignored,
+# and AtomUpdate_{i}_sum is set to 1.0 unless the file gives it too. (fairchem 1.x's
+# load_scales_compat instead raises for the missing AtomUpdate_{i}_sum.)
+PAPER_UNUSED_SCALE_FACTOR = re.compile(r"^IntBlock_(\d+)_sum$")
+_METADATA_KEYS = ("comment",)
+
+
+def read_scale_factors(path: str | os.PathLike) -> dict[str, object]:
+    """A fairchem scale file as {name: value}: a JSON object of names and numbers, with an
+    optional "comment" (any JSON value; dropped here). Raises for another layout."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"scale factor file {path}: {error}") from error
+    if not isinstance(content, dict):
+        raise ValueError(f"scale factor file {path}: not a JSON object of names and values")
+    return {k: v for k, v in content.items() if k not in _METADATA_KEYS}
+
+
+def _scale_value(key: str, value: object) -> float:
+    if isinstance(value, Mapping):  # {"value": number}
+        value = value.get("value")
+    if isinstance(value, Tensor):
+        value = value.item() if value.numel() == 1 else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"scale factor {key!r}: {value!r} is not a number")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"scale factor {key!r}: {value!r} is not a finite number >= 0")
+    # fairchem 1.x stores 0.0 for a factor it never fitted and then multiplies by nothing.
+    return 1.0 if value == 0 else float(value)
+
+
+def resolve_scale_factors(
+    model: GemNetT,
+    source: str | os.PathLike | Mapping[str, object],
+    provided: set[str] | frozenset[str] = frozenset(),
+) -> dict[str, float]:
+    """The values of `source` (a scale file's path, or a mapping) by the model's state_dict
+    names ("out_blocks.0.scale_sum.scale_factor"), checked; nothing is loaded.
+
+    Keys: fairchem's factor names ("OutBlock_0_sum", the keys of the 2021 and 1.x scale files
+    and of a 1.x checkpoint's `scale_dict`), module paths ("out_blocks.0.scale_sum", fairchem
+    1.x's key for a factor without a name) or state_dict names, any "module." prefixes dropped;
+    a "comment" key is metadata. Values: numbers, {"value": number} or one-element tensors; 0
+    (fairchem 1.x: never fitted, used as 1) reads as 1.0. "IntBlock_{i}_sum" keys follow the
+    paper's code (PAPER_UNUSED_SCALE_FACTOR): ignored, AtomUpdate_{i}_sum then 1.0 unless given
+    (here or in `provided`).
+    Raises KeyError for an unknown key or a model factor that neither `source` nor `provided`
+    (names given elsewhere, e.g. in a checkpoint's state_dict) gives, ValueError for a key
+    given twice with different values or a value that is not a finite number >= 0.
+    """
+    mapping = read_scale_factors(source) if not isinstance(source, Mapping) else source
+    factors = model.scale_factors()
+    names: dict[str, str] = {}
+    for name, module in factors.items():
+        names[name] = names[name.removesuffix(".scale_factor")] = names[module.name] = name
+    values: dict[str, float] = {}
+    unused: list[str] = []
+    for key, value in mapping.items():
+        if key in _METADATA_KEYS:
+            continue
+        bare = key
+        while bare.startswith("module."):
+            bare = bare[len("module.") :]
+        paper = PAPER_UNUSED_SCALE_FACTOR.match(bare)
+        if paper and f"AtomUpdate_{paper.group(1)}_sum" in names:
+            unused.append(f"AtomUpdate_{paper.group(1)}_sum")
+            _scale_value(key, value)  # still a number
+            continue
+        if bare not in names:
+            raise KeyError(f"unexpected scale factor {key!r}; known: {sorted(names)}")
+        name, number = names[bare], _scale_value(key, value)
+        if name in values and values[name] != number:
+            raise ValueError(f"scale factor {name} given twice with different values")
+        values[name] = number
+    for atom_update in unused:
+        if names[atom_update] not in provided:
+            values.setdefault(names[atom_update], 1.0)
+    missing = sorted(factors[n].name for n in set(factors) - set(values) - set(provided))
+    if missing:
+        raise KeyError(f"missing scale factors: {missing}")
+    return values
+
+
+def load_scale_factors(
+    model: GemNetT, source: str | os.PathLike | Mapping[str, object]
+) -> dict[str, float]:
+    """Set every ScaleFactor of `model` from a fairchem scale file (its path) or a mapping,
+    with the names and rules of `resolve_scale_factors` (every factor must be given: unknown or
+    missing names raise). Returns the values set, by state_dict name."""
+    values = resolve_scale_factors(model, source)
+    factors = model.scale_factors()
+    with torch.no_grad():
+        for name, value in values.items():
+            factors[name].scale_factor.fill_(value)
+    return values

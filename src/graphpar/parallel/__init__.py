@@ -18,6 +18,7 @@ from graphpar.parallel.comm import (
 )
 from graphpar.parallel.groups import ParallelDims, destroy_groups, get_dims, init_groups
 from graphpar.parallel.launch import (
+    any_rank,
     broadcast,
     dp_sum,
     gather_world,
@@ -43,6 +44,7 @@ __all__ = [
     "LocalTriplets",
     "ParallelDims",
     "Partition",
+    "any_rank",
     "balanced_partition",
     "broadcast",
     "copy_to_partitioned",

@@ -1,5 +1,5 @@
 """Processes: joining and leaving torchrun's process group, and the few world-level helpers the
-command lines share (`is_main`, `broadcast`, `gather_world`, `dp_sum`).
+command lines share (`is_main`, `broadcast`, `gather_world`, `dp_sum`, `any_rank`).
 
 A command that runs under torchrun calls `setup_processes(config)` (a training config: its
 G x D layout is checked against the world first) or `join_processes(gp_size, device)`, and
@@ -22,6 +22,7 @@ from graphpar.parallel.groups import destroy_groups, get_dims, init_groups
 from graphpar.training.config import TrainingError, layout_error
 
 __all__ = [
+    "any_rank",
     "broadcast",
     "dp_sum",
     "gather_world",
@@ -119,3 +120,15 @@ def dp_sum(value: Tensor) -> Tensor:
         # Data parallel: all-reduce (sum) over the D ranks with this rank's gp_rank.
         dist.all_reduce(value, group=group)
     return value
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank of the world (the same answer on every rank)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        value = value.cuda()
+    # Data parallel: all-reduce (max) of one integer over every rank of the world.
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

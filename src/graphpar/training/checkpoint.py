@@ -284,7 +284,8 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
 def trained_model(state: Mapping, device: str | torch.device = "cpu") -> Normalized:
     """`load_trained` of a checkpoint already read (`read_checkpoint`)."""
     config = state["config"]
-    model = build_normalized_model(config, state["normalization"])
+    # The state dict holds the scale factors: the config's file need not exist here.
+    model = build_normalized_model(config, state["normalization"], scale_factors=False)
     model.load_state_dict(state["model"])
     if state.get("ema") is not None:
         copy_weights(model, state["ema"]["shadow"])

@@ -184,6 +184,10 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
         raise TrainingError(f"{where}: both loss coefficients are 0: nothing to train")
     if config["task"] == "is2re" and loss["force_coefficient"] > 0:
         raise TrainingError(f"{where}: task is2re has no force labels: set force_coefficient 0")
+    if config["scale_factors"] is not None and "scale_file" not in MODEL_ARGUMENTS[config["model"]]:
+        raise TrainingError(f"{where}: scale_factors: model {config['model']} has none (GemNet)")
+    if config["scheduler"]["metric"] == "forces_mae" and loss["force_coefficient"] == 0:
+        raise TrainingError(f"{where}: scheduler.metric forces_mae needs forces trained")
     return config
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from graphpar.models import build_model
+from graphpar.models.gemnet import load_scale_factors
 from graphpar.training.config import TrainingError
 
 
@@ -63,10 +64,14 @@ def normalization_stats(config: Mapping, dataset, task: str) -> dict[str, float]
     return {"energy_mean": float(mean), "energy_std": float(std)}
 
 
-def build_normalized_model(config: Mapping, stats: Mapping[str, float]) -> Normalized:
+def build_normalized_model(
+    config: Mapping, stats: Mapping[str, float], scale_factors: bool = True
+) -> Normalized:
     """The config's model around its statistics; the same initial weights on every rank (seeded
     on the CPU, then moved). NumPy's and Python's generators get the seed too: a checkpoint
-    saves all three (checkpoint.rng_state), so two runs of one config write the same bytes."""
+    saves all three (checkpoint.rng_state), so two runs of one config write the same bytes.
+    With `scale_factors`, the config's scale-factor file (key `scale_factors`) is loaded into
+    the model (buffers: checkpoints keep them); a checkpoint's reader passes False."""
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"])
     random.seed(config["seed"])
@@ -74,4 +79,12 @@ def build_normalized_model(config: Mapping, stats: Mapping[str, float]) -> Norma
     if config["loss"]["force_coefficient"] == 0:
         args.setdefault("regress_forces", False)
     model = build_model(config["model"], **args)
+    path = config.get("scale_factors")
+    if scale_factors and path is not None:
+        if not hasattr(model, "scale_factors"):
+            raise TrainingError(f"scale_factors: model {config['model']} has no scale factors")
+        try:
+            load_scale_factors(model, path)
+        except (KeyError, ValueError) as error:
+            raise TrainingError(f"scale_factors {path}: {error}") from error
     return Normalized(model, stats["energy_mean"], stats["energy_std"])

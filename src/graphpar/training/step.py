@@ -7,6 +7,7 @@ divided by its global count (systems, free atoms), so any G x D computes the sam
 
 from __future__ import annotations
 
+import bisect
 import math
 import resource
 from collections.abc import Mapping
@@ -66,6 +67,9 @@ def build_optimizer(model: Normalized, config: Mapping):
     elif schedule["name"] == "exponential":
         scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=schedule["gamma"])
     else:
+        # constant, and multistep: its learning rate is a function of the step count alone,
+        # which `warm_up` sets before every step (so a resumed run recomputes it from the
+        # checkpointed step and needs no scheduler state).
         scheduler = None
     return optimizer, scheduler
 
@@ -76,12 +80,38 @@ def warmup_scale(step: int, config: Mapping) -> float:
     return 1.0 if step >= steps else factor + (1 - factor) * step / steps
 
 
+def multistep_scale(step: int, config: Mapping) -> float:
+    """The multistep schedule's multiplier of the learning rate before optimiser step `step` + 1:
+    the linear warmup up to warmup_steps, then gamma ** (milestones reached, a milestone m
+    counting from step m on)."""
+    schedule = config["scheduler"]
+    if schedule["warmup_steps"] and step <= schedule["warmup_steps"]:
+        return warmup_scale(step, config)
+    return schedule["gamma"] ** bisect.bisect_right(sorted(schedule["milestones"]), step)
+
+
 def warm_up(optimizer: torch.optim.Optimizer, step: int, config: Mapping) -> None:
-    """Set the learning rate of the warmup before optimiser step `step` + 1 (none after it)."""
+    """Set the learning rate before optimiser step `step` + 1: the warmup's (none after it), or
+    the multistep schedule's at every step."""
     warmup_steps = config["scheduler"]["warmup_steps"]
-    if warmup_steps and step <= warmup_steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config["optimizer"]["lr"] * warmup_scale(step, config)
+    if config["scheduler"]["name"] == "multistep":
+        scale = multistep_scale(step, config)
+    elif warmup_steps and step <= warmup_steps:
+        scale = warmup_scale(step, config)
+    else:
+        return
+    for group in optimizer.param_groups:
+        group["lr"] = config["optimizer"]["lr"] * scale
+
+
+def plateau_metric(config: Mapping) -> str:
+    """The validation metric a plateau scheduler steps on and the best checkpoint is chosen by:
+    scheduler.metric, else the primary one (forces_mae when forces are trained, else
+    energy_mae)."""
+    chosen = config["scheduler"].get("metric")
+    if chosen is not None:
+        return chosen
+    return "forces_mae" if config["loss"]["force_coefficient"] > 0 else "energy_mae"
 
 
 @dataclass(frozen=True)

@@ -13,11 +13,18 @@ Several nodes (the same command on every node; HEAD is the first node's address)
 A run restarted on the same --out continues from its last checkpoint, bit for bit, with no
 flag; so `torchrun --max-restarts=3 ...` survives crashed ranks. One run at a time holds --out
 (a second is refused; a killed run's lock and temporaries are cleaned up by the next), and a
-resumed run refuses datasets other than those its checkpoint was trained on. The config keys are in
-src/graphpar/schemas/train.schema.yaml and config/README.md (--config a YAML file, or
---config-json the same as one JSON string). --out receives checkpoint.pt (the latest state,
-replaced atomically), final.pt (at the end), metrics.jsonl (one line per logged step and per
-validation), normalization.json and train.log.
+resumed run refuses datasets other than those its checkpoint was trained on.
+
+Preemption: SIGTERM or SIGUSR1 on any rank (SLURM's warning before the time limit, a preempting
+job, torchrun passing on its own signal) stops the run after the step under way: after each
+step the ranks agree through one all-reduce of a stop flag, rank 0 writes checkpoint.pt, and
+every process exits with status 75 (PREEMPTED, sysexits' EX_TEMPFAIL, "preempted at step N,
+checkpoint written" in the log); rerunning the same command resumes from that step.
+
+The config keys are in src/graphpar/schemas/train.schema.yaml and config/README.md (--config
+a YAML file, or --config-json the same as one JSON string). --out receives checkpoint.pt (the
+latest state, replaced atomically), final.pt (at the end), metrics.jsonl (one line per logged
+step and per validation), normalization.json and train.log.
 
 The global batch of `batch_size` systems is shared among the D data-parallel groups (balanced by
 `balance_on`); the G ranks of a group load the same systems and split their edges and triplets.
@@ -33,7 +40,9 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +53,7 @@ from tqdm import tqdm
 from graphpar.io import atomic_path, remove_temporaries, write_json
 from graphpar.lock import FolderLocked, main_rank_lock
 from graphpar.parallel import (
+    any_rank,
     broadcast,
     dp_sum,
     gather_world,
@@ -77,6 +87,7 @@ from graphpar.training.step import (
     StepResult,
     build_optimizer,
     peak_memory_mb,
+    plateau_metric,
     to_device,
     train_step,
     validate,
@@ -85,23 +96,61 @@ from graphpar.training.step import (
 
 log = logging.getLogger("graphpar.training")
 
+# The exit status of a run stopped by STOP_SIGNALS with its checkpoint written (sysexits.h's
+# EX_TEMPFAIL, "try again later"): nonzero, so Snakemake counts the job as failed and retries it
+# (the retry resumes); torchrun reports it as the workers' exit code and itself exits 1.
+PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(Exception):
+    """The run stopped early on a stop signal; checkpoint.pt holds its last step."""
+
+
+class StopSignals:
+    """While entered (in the main thread), STOP_SIGNALS only set `received`: the training loop
+    stops at the end of its step. System calls interrupted by them are restarted, so a
+    collective under way is not broken. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                self.previous[number] = signal.signal(number, self._handle)
+                signal.siginterrupt(number, False)
+        return self
+
+    def _handle(self, number: int, frame) -> None:
+        self.received = number
+
+    def __exit__(self, *exception) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
 
 def train(config: Mapping, out: str | os.PathLike, allow_data_mismatch: bool = False) -> Path:
     """Train to the end (resuming from `out`/checkpoint.pt when present); returns final.pt.
 
     The run folder is locked for the duration (graphpar.lock). A resumed run must find the
-    datasets its checkpoint was trained on, unless `allow_data_mismatch`."""
+    datasets its checkpoint was trained on, unless `allow_data_mismatch`. Raises Preempted
+    after a stop signal (StopSignals), with checkpoint.pt written."""
     config, out = load_config(config), Path(out)
     device = setup_processes(config)
     try:
-        with main_rank_lock(out, "training"):
-            return train_in(config, out, device, allow_data_mismatch)
+        with main_rank_lock(out, "training"), StopSignals() as stop:
+            return train_in(config, out, device, allow_data_mismatch, stop)
     except FolderLocked as error:
         raise TrainingError(str(error)) from None
 
 
-def train_in(config: Mapping, out: Path, device, allow_data_mismatch: bool) -> Path:
-    """`train` in its locked run folder."""
+def train_in(
+    config: Mapping, out: Path, device, allow_data_mismatch: bool, stop: StopSignals
+) -> Path:
+    """`train` in its locked run folder; stops after the step in which `stop` received a
+    signal on any rank."""
     dtype = DTYPES[config["dtype"]]
     if is_main():
         log_to(out / "train.log")
@@ -166,8 +215,20 @@ def train_in(config: Mapping, out: Path, device, allow_data_mismatch: bool) -> P
                 progress.step % config["eval_every"] == 0 or progress.step == total_steps
             ):
                 run_validation(run, data.val, metrics, device, dtype)
-            if progress.step % config["checkpoint_every"] == 0 or progress.step == total_steps:
+            checkpointed = progress.step % config["checkpoint_every"] == 0
+            if checkpointed or progress.step == total_steps:
                 write_checkpoint(checkpoint_path, run.state_dict())
+            # World collective, one integer per step: every rank stops after the same step.
+            if any_rank(stop.received is not None) and progress.step < total_steps:
+                if not checkpointed:
+                    write_checkpoint(checkpoint_path, run.state_dict())
+                bar.close()
+                log.warning(
+                    "preempted at step %d, checkpoint written (%s); the same command resumes it",
+                    progress.step,
+                    checkpoint_path,
+                )
+                raise Preempted(f"preempted at step {progress.step}")
             if progress.step >= total_steps or end_of_epoch:
                 break
     bar.close()
@@ -241,7 +302,7 @@ def run_validation(run: RunState, dataset, metrics: MetricsLog, device, dtype) -
     config, progress = run.config, run.progress
     with run.ema.applied(run.model) if run.ema is not None else contextlib.nullcontext():
         result = validate(run.model, dataset, config, device, dtype)
-    metric = "forces_mae" if config["loss"]["force_coefficient"] > 0 else "energy_mae"
+    metric = plateau_metric(config)
     plateau = isinstance(run.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     if plateau and progress.step >= config["scheduler"]["warmup_steps"]:
         run.scheduler.step(result[metric])
@@ -310,6 +371,8 @@ def main(argv: list[str] | None = None) -> None:
     except TrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except Preempted:
+        sys.exit(PREEMPTED)  # rank 0 logged the step; leave_processes runs first
     finally:
         leave_processes()
 
