@@ -1,5 +1,5 @@
 """Both graph-parallel models in real gloo processes: batches, the training step, and the
-per-rank scenario that tests/test_models_parallel.py spawns (CPU, float64).
+per-rank scenario that tests/test_models_parallel.py runs (CPU, float64).
 
 The comparisons happen in the test process, where no group exists and every primitive is the
 identity, so the reference is the serial model computed by the same code.
@@ -8,13 +8,11 @@ identity, so the reference is the serial model computed by the same code.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 from conftest import float64_batch
-from gloo import process_group
 
 import graphpar.models.dimenetpp
 import graphpar.models.gemnet
@@ -113,19 +111,19 @@ def fairchem_gather():
             m.gather_for_partitioned = gather
 
 
-def worker(rank: int, world_size: int, port: int, gp_size: int, out: str, sparse: bool) -> None:
-    """Every model on this rank's batch (data-parallel row d: seed 100 + d), right and wrong,
-    and on the sparse batches if asked."""
-    with process_group(rank, world_size, port, timeout_s=120):
-        dims = init_groups(gp_size)
-        batch = make_batch(seed=100 + dims.dp_rank)
-        result = {}
-        for name in MODELS:
-            result[name] = train_step(make_model(name), batch)
-            if gp_size > 1:
-                with fairchem_gather():
-                    result[f"{name}/wrong"] = train_step(make_model(name), batch)
-            if sparse:
-                for case, sparse_batch in sparse_batches().items():
-                    result[f"{name}/{case}"] = train_step(make_model(name), sparse_batch)
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+def run(gp_size: int, sparse: bool) -> dict:
+    """What one rank runs inside its world (tests/gloo.py's `spawn_worlds`): every model on this
+    rank's batch (data-parallel row d: seed 100 + d), right and wrong, and on the sparse batches
+    if asked."""
+    dims = init_groups(gp_size)
+    batch = make_batch(seed=100 + dims.dp_rank)
+    result = {}
+    for name in MODELS:
+        result[name] = train_step(make_model(name), batch)
+        if gp_size > 1:
+            with fairchem_gather():
+                result[f"{name}/wrong"] = train_step(make_model(name), batch)
+        if sparse:
+            for case, sparse_batch in sparse_batches().items():
+                result[f"{name}/{case}"] = train_step(make_model(name), sparse_batch)
+    return result

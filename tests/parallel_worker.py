@@ -12,11 +12,8 @@ With G = 1 every primitive is the identity and the same code is the serial model
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
-from gloo import process_group
 from torch import Tensor, nn
 
 from graphpar.data.graph import dimenet_triplets, radius_graph_batch
@@ -165,23 +162,22 @@ def train_step(model: ToyModel, batch: dict[str, Tensor], gather_edges=gather_fo
 # ----------------------------------------------------------------------------------------------
 
 
-def scenario_toy(gp_size: int, out: Path) -> None:
+def scenario_toy(gp_size: int) -> dict:
     """W = G: the toy model, with the right gather and with fairchem's."""
     init_groups(gp_size)
     model, batch = ToyModel(), make_batch(seed=1)
     right = train_step(model, batch)
     wrong = train_step(model, batch, gather_edges=gather_for_replicated)
-    torch.save({"right": right, "wrong": wrong}, out / f"rank{dist.get_rank()}.pt")
+    return {"right": right, "wrong": wrong}
 
 
-def scenario_toy_dp(gp_size: int, out: Path) -> None:
+def scenario_toy_dp(gp_size: int) -> tuple:
     """W = D x G: data-parallel row d trains on batch seed 100 + d."""
     dims = init_groups(gp_size)
-    result = train_step(ToyModel(), make_batch(seed=100 + dims.dp_rank))
-    torch.save(result, out / f"rank{dist.get_rank()}.pt")
+    return train_step(ToyModel(), make_batch(seed=100 + dims.dp_rank))
 
 
-def scenario_primitives(gp_size: int, out: Path) -> None:
+def scenario_primitives(gp_size: int) -> str:
     """Every primitive's forward and backward against its definition, with random per-rank
     inputs and upstream gradients, on unequal and empty slices; then on a G = 2 x D = 2 layout;
     then gradcheck / gradgradcheck of the autograd functions on one-member groups."""
@@ -218,7 +214,7 @@ def scenario_primitives(gp_size: int, out: Path) -> None:
         # Squared, so that the second derivative is not trivially zero.
         assert torch.autograd.gradcheck(lambda t, fn=fn: fn(t) ** 2, (x,))
         assert torch.autograd.gradgradcheck(lambda t, fn=fn: fn(t) ** 2, (x,))
-    (out / f"rank{dist.get_rank()}.ok").write_text("ok")
+    return "ok"
 
 
 def _check_primitives(rank: int, size: int, sizes: tuple[int, ...], seed: int = 0) -> None:
@@ -293,7 +289,7 @@ SCENARIOS = {
 }
 
 
-def worker(rank: int, world_size: int, port: int, scenario: str, gp_size: int, out: str) -> None:
-    """Entry point of each spawned process."""
-    with process_group(rank, world_size, port):
-        SCENARIOS[scenario](gp_size, Path(out))
+def run(scenario: str, gp_size: int):
+    """What one rank runs inside its world (tests/gloo.py's `spawn_worlds`): the scenario's
+    result on this rank."""
+    return SCENARIOS[scenario](gp_size)

@@ -2,7 +2,7 @@
 gloo processes: energies, forces and every parameter's synchronised gradient of an energy +
 force loss equal the serial model's for G = 1, 2, 3, 4 and G x D = 2 x 2; fairchem's gather
 fails the same comparison; sparse inputs (no edges, an isolated atom, more ranks than edges)
-work at G = 4.
+work at G = 4. One launch of 4 processes (the `ranks` fixture) runs all these worlds in turn.
 """
 
 from __future__ import annotations
@@ -63,9 +63,24 @@ def serial():
     return reference
 
 
+# The worlds of the single launch: name -> (W, (G, with the sparse batches)).
+WORLDS = {
+    **{f"G={g}": (g, (g, g == 4)) for g in (1, 2, 3, 4)},
+    "G x D = 2 x 2": (4, (2, False)),
+}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list]:
+    """Every world's results by rank, from one launch of 4 processes (each world a gloo world of
+    its own size W on the first W ranks, tests/gloo.py's `spawn_worlds`); a rank's exception
+    fails every test that reads them."""
+    return gloo.spawn_worlds(mw.run, WORLDS, tmp_path_factory.mktemp("ranks"), timeout_s=120)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("gp_size", [1, 2, 3, 4])
-def test_graph_parallel_matches_serial(gp_size, serial, tmp_path):
+def test_graph_parallel_matches_serial(gp_size, serial, ranks):
     batch = mw.make_batch(seed=100)
     for name in mw.MODELS:  # triplets must read edges of other ranks, or the test is vacuous
         input_edge, output_edge, num_edges = model_triplets(name, batch)
@@ -75,9 +90,9 @@ def test_graph_parallel_matches_serial(gp_size, serial, tmp_path):
         assert gp_size == 1 or remote > 0
 
     sparse = gp_size == 4
-    gloo.spawn(mw.worker, gp_size, gp_size, str(tmp_path), sparse)
-    for rank in range(gp_size):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
+    results = ranks[f"G={gp_size}"]
+    assert len(results) == gp_size
+    for rank, result in enumerate(results):
         for name in mw.MODELS:
             deviations = errors(result[name], serial[name, 0])
             worst = max(deviations, key=deviations.get)
@@ -95,12 +110,12 @@ def test_graph_parallel_matches_serial(gp_size, serial, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_graph_and_data_parallel_match_serial_mean(serial, tmp_path):
+def test_graph_and_data_parallel_match_serial_mean(serial, ranks):
     """G x D = 2 x 2: rows train on different batches; gradients are the mean of the rows'."""
-    gloo.spawn(mw.worker, 4, 2, str(tmp_path), False)
-    for rank in range(4):
+    results = ranks["G x D = 2 x 2"]
+    assert len(results) == 4
+    for rank, result in enumerate(results):
         row = rank // 2  # row-major: ranks 0, 1 form row 0
-        result = torch.load(tmp_path / f"rank{rank}.pt")
         for name in mw.MODELS:
             (_, _, grads0), (_, _, grads1) = serial[name, 0], serial[name, 1]
             mean = {p: (grads0[p] + grads1[p]) / 2 for p in grads0}

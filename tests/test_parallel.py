@@ -1,9 +1,11 @@
 """Graph parallelism against the serial model, in real processes (gloo on 127.0.0.1, CPU).
 
-Each multi-process test spawns W ranks running a scenario of tests/parallel_worker.py; ranks
-write their results to a temporary folder and the comparisons with the serial model (the same
-code in this process, where no group exists so every primitive is the identity) happen here.
-Process groups time out after 60 s and tests after 120 s, so a hung collective fails fast.
+One launch of 4 processes (the `ranks` fixture) runs every multi-process scenario of
+tests/parallel_worker.py in turn, each in a gloo world of its own size W on the first W ranks
+(tests/gloo.py's `spawn_worlds`); the ranks return their results, and the comparisons with the
+serial model (the same code in this process, where no group exists so every primitive is the
+identity) happen here, per test. Process groups time out after 60 s and tests after 120 s, so a
+hung collective fails fast.
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ from graphpar.parallel import (
 RTOL = 1e-9
 
 
-def spawn(scenario: str, world_size: int, gp_size: int, out) -> None:
-    """Run a scenario on `world_size` ranks; a rank's exception is re-raised here."""
-    gloo.spawn(pw.worker, world_size, scenario, gp_size, str(out))
+# The worlds of the single launch: name -> (W, (scenario, G)).
+WORLDS = {
+    **{f"toy G={g}": (g, ("toy", g)) for g in (1, 2, 3, 4)},
+    "toy G x D = 2 x 2": (4, ("toy_dp", 2)),
+    "primitives": (4, ("primitives", 4)),
+}
 
 
-def launch(scenario: str, world_size: int, gp_size: int, out) -> list:
-    """Run a scenario; the results its ranks saved, by rank."""
-    spawn(scenario, world_size, gp_size, out)
-    return [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> dict[str, list]:
+    """Every world's results by rank, from one launch of 4 processes; a rank's exception fails
+    every test that reads them."""
+    return gloo.spawn_worlds(pw.run, WORLDS, tmp_path_factory.mktemp("ranks"))
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -84,7 +90,7 @@ def serial():
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("gp_size", [1, 2, 3, 4])
-def test_toy_model_matches_serial(gp_size, serial, tmp_path):
+def test_toy_model_matches_serial(gp_size, serial, ranks):
     batch = pw.make_batch(seed=1)
     edges = partition_edges(batch["idx_ji"], batch["edge_index"].shape[1], gp_size)
     if gp_size > 1:  # the test means something only if triplets read other ranks' edges
@@ -95,7 +101,8 @@ def test_toy_model_matches_serial(gp_size, serial, tmp_path):
         ]
         assert any(remote), edges
 
-    results = launch("toy", gp_size, gp_size, tmp_path)
+    results = ranks[f"toy G={gp_size}"]
+    assert len(results) == gp_size
     for rank, result in enumerate(results):
         assert_matches(result["right"], serial, f"G={gp_size}, rank {rank}")
         if gp_size > 1:
@@ -104,13 +111,14 @@ def test_toy_model_matches_serial(gp_size, serial, tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_graph_and_data_parallel_match_serial_mean(tmp_path):
+def test_graph_and_data_parallel_match_serial_mean(ranks):
     """G x D = 2 x 2: two batches, gradients of the mean of their losses."""
     model = pw.ToyModel()
     grads = [pw.train_step(model, pw.make_batch(seed=100 + d))[2] for d in range(2)]
     expected = {name: (grads[0][name] + grads[1][name]) / 2 for name in grads[0]}
 
-    results = launch("toy_dp", 4, 2, tmp_path)
+    results = ranks["toy G x D = 2 x 2"]
+    assert len(results) == 4
     for rank, (energy, _, rank_grads) in enumerate(results):
         batch = pw.make_batch(seed=100 + rank // 2)  # row-major: ranks 0, 1 are row 0
         assert energy.shape == batch["energy"].shape
@@ -125,12 +133,11 @@ def test_graph_and_data_parallel_match_serial_mean(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_primitives_match_their_definitions(tmp_path):
+def test_primitives_match_their_definitions(ranks):
     """Forward and backward of each primitive on 4 ranks with slices [3, 0, 2, 0], on a 2 x 2
     layout, double backward, gradcheck on one-member groups, and init_groups(3) on 4 ranks
     refused (all asserted inside the ranks)."""
-    spawn("primitives", 4, 4, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"rank{r}.ok" for r in range(4)]
+    assert ranks["primitives"] == ["ok"] * 4
 
 
 def test_single_process_is_the_identity():

@@ -123,7 +123,7 @@ def test_torchrun_relaxations_equal_one_process(
 def test_killed_relaxation_resumes_without_redoing_systems(is2re_split, checkpoint, tmp_path):
     """SIGKILL after the first system is written; the rerun keeps its file untouched and
     relaxes only the rest. A tight fmax makes every system take all its steps."""
-    options = ("--batch-size", "1", "--fmax", "0.001", "--steps", "20")
+    options = ("--batch-size", "1", "--fmax", "0.001", "--steps", "8")
     command = relax_command(checkpoint, is2re_split, tmp_path, 1, *options)
     log = tmp_path / "killed.log"
     with open(log, "w") as output:
@@ -132,7 +132,7 @@ def test_killed_relaxation_resumes_without_redoing_systems(is2re_split, checkpoi
     deadline = time.monotonic() + 300
     while not list(relaxed_dir.glob("*.extxyz")) and time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-3000:]
-        time.sleep(0.02)
+        time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = {p.name: p.stat().st_mtime_ns for p in relaxed_dir.glob("*.extxyz")}

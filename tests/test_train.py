@@ -1,5 +1,7 @@
 """Training with real processes: `python -m graphpar.training.train` and `torchrun` (gloo on
-127.0.0.1) on the tiny workflow's preprocessed data.
+127.0.0.1) on the tiny workflow's preprocessed data. Runs whose process no assertion is about
+(references, refusals) call the trainer or its CLI's main in this process instead, and
+independent runs overlap: starting Python with torch is most of a tiny run's time.
 
 Graph x data parallel runs end with the serial run's weights; a run killed by a real signal
 resumes to exactly the weights of an uninterrupted run (also under torchrun --max-restarts);
@@ -63,11 +65,17 @@ def run_config(data, model="dimenetpp-tiny", **overrides) -> dict:
     return {**config, **overrides}
 
 
-def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subprocess.Popen:
-    """`python -m graphpar.training.train` (1 process) or torchrun (several), logs in out.parent."""
+def write_config(config, out: Path) -> Path:
+    """The run's config file, next to its folder `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / f"{out.name}.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subprocess.Popen:
+    """`python -m graphpar.training.train` (1 process) or torchrun (several), logs in out.parent."""
+    path = write_config(config, out)
     if processes == 1 and not torchrun_args:
         command = [sys.executable, "-m", "graphpar.training.train"]
     else:
@@ -92,12 +100,16 @@ def launch(config, out: Path, processes: int = 1, torchrun_args=()) -> subproces
     )
 
 
-def train(config, out: Path, processes: int = 1, torchrun_args=()) -> dict:
-    process = launch(config, out, processes, torchrun_args)
+def finish(process: subprocess.Popen, out: Path) -> dict:
+    """Wait for a launched run to succeed; its final.pt."""
     code = process.wait(timeout=500)
     log = (out.parent / f"{out.name}.log").read_text()
     assert code == 0, log[-4000:]
     return read_checkpoint(out / "final.pt")
+
+
+def train(config, out: Path, processes: int = 1, torchrun_args=()) -> dict:
+    return finish(launch(config, out, processes, torchrun_args), out)
 
 
 def fails(config, out: Path, processes: int = 1) -> str:
@@ -105,6 +117,42 @@ def fails(config, out: Path, processes: int = 1) -> str:
     process = launch(config, out, processes)
     assert process.wait(timeout=300) != 0
     return (out.parent / f"{out.name}.log").read_text()
+
+
+def close_log() -> None:
+    """Drop the handlers that an in-process run's log_to added (its train.log and stderr)."""
+    from graphpar.training.train import log
+
+    for handler in log.handlers:
+        handler.close()
+    log.handlers.clear()
+
+
+def train_here(config, out: Path) -> dict:
+    """`train` in this process (no interpreter to start); final.pt."""
+    from graphpar.training import train as trainer
+
+    try:
+        trainer.train(config, out)
+    finally:
+        close_log()
+    return read_checkpoint(out / "final.pt")
+
+
+def fails_here(config, out: Path, capsys) -> str:
+    """The CLI's main in this process (`--config FILE --out out`), expecting it to exit with an
+    error; its stdout + stderr. An exception other than SystemExit propagates: a traceback."""
+    from graphpar.training.train import main
+
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit:
+            main(["--config", str(write_config(config, out)), "--out", str(out)])
+    finally:
+        close_log()
+    assert exit.value.code not in (0, None)
+    captured = capsys.readouterr()
+    return captured.out + captured.err
 
 
 def weights(state) -> dict[str, torch.Tensor]:
@@ -151,9 +199,10 @@ def test_graph_and_data_parallel_training_match_serial(data, model, tmp_path):
     the same global batches, to 1e-8 relative; validation metrics agree too. (G = 2 alone
     trains the tiny workflow's models, and tests/cluster/test_slurm.py runs it again.)"""
     config = run_config(data, model)
-    serial = train(config, tmp_path / "g1")
+    parallel = launch(dict(config, gp_size=2, dp_size=2), tmp_path / "g2d2", processes=4)
+    serial = train_here(config, tmp_path / "g1")  # while torchrun runs
     assert serial["step"] == 4
-    both = train(dict(config, gp_size=2, dp_size=2), tmp_path / "g2d2", processes=4)
+    both = finish(parallel, tmp_path / "g2d2")
     initial = read_checkpoint(tmp_path / "g1" / "checkpoint.pt")  # the end state, step 4
     assert_equal(weights(initial), weights(serial))
     assert_close(weights(both), weights(serial), rtol=1e-8)
@@ -171,7 +220,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     exactly the uninterrupted run's weights, optimiser and EMA, and metrics.jsonl has one line
     per step."""
     config = run_config(data, max_steps=6, checkpoint_every=2, eval_every=4)
-    reference = train(config, tmp_path / "reference")
+    uninterrupted = launch(config, tmp_path / "reference")  # alongside the killed run
 
     process = launch(config, tmp_path / "killed")
     wait_for_checkpoint(tmp_path / "killed", process, step=2)
@@ -179,6 +228,7 @@ def test_killed_run_resumes_to_the_same_weights(data, tmp_path):
     process.wait()
     assert not (tmp_path / "killed" / "final.pt").exists()
     resumed = train(config, tmp_path / "killed")
+    reference = finish(uninterrupted, tmp_path / "reference")
     assert "resumed from" in (tmp_path / "killed.log").read_text()
     assert "took over the lock of process" in (tmp_path / "killed.log").read_text()
     assert_equal(weights(resumed), weights(reference))
@@ -216,7 +266,7 @@ def test_one_run_per_folder_and_a_resumed_run_refuses_replaced_data(data, tmp_pa
         assert trainer.train(longer, out, allow_data_mismatch=True).name == "final.pt"
         assert read_checkpoint(out / "final.pt")["step"] == 3
     finally:
-        trainer.log.handlers.clear()  # log_to's handlers on this run's train.log
+        close_log()  # log_to's handlers on this run's train.log
 
 
 def torchrun_config(data) -> dict:
@@ -225,9 +275,23 @@ def torchrun_config(data) -> dict:
 
 
 @pytest.fixture(scope="module")
-def torchrun_reference(data, tmp_path_factory) -> dict:
-    """The uninterrupted run of torchrun_config (final.pt)."""
-    return train(torchrun_config(data), tmp_path_factory.mktemp("torchrun") / "run", processes=2)
+def torchrun_reference(data, tmp_path_factory):
+    """The uninterrupted run of torchrun_config, started when a test first asks for it and
+    running alongside that test's own run: a function that waits for it and returns its
+    final.pt."""
+    out = tmp_path_factory.mktemp("torchrun") / "run"
+    process = launch(torchrun_config(data), out, processes=2)
+    final = {}
+
+    def reference() -> dict:
+        if not final:
+            final["pt"] = finish(process, out)
+        return final["pt"]
+
+    yield reference
+    if process.poll() is None:  # a test failed before it waited
+        process.terminate()  # torchrun passes SIGTERM on to its workers
+        process.wait(timeout=60)
 
 
 def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, torchrun_reference, tmp_path):
@@ -235,7 +299,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, torchrun_refe
     resumes from the last checkpoint, and ends with the uninterrupted run's weights. (Without
     the trainer's per-attempt store prefix the restarted ranks read the dead attempt's gloo
     addresses and hang or fail to connect.)"""
-    config, reference = torchrun_config(data), torchrun_reference
+    config = torchrun_config(data)
     out = tmp_path / "restarted"
     process = launch(config, out, processes=2, torchrun_args=["--max-restarts=1"])
     wait_for_checkpoint(out, process, step=2)
@@ -244,7 +308,7 @@ def test_torchrun_restarts_a_killed_rank_from_the_checkpoint(data, torchrun_refe
     os.kill(workers[-1], signal.SIGKILL)
     assert process.wait(timeout=500) == 0, (tmp_path / "restarted.log").read_text()[-4000:]
     assert "resumed from" in (tmp_path / "restarted.log").read_text()
-    assert_equal(weights(read_checkpoint(out / "final.pt")), weights(reference))
+    assert_equal(weights(read_checkpoint(out / "final.pt")), weights(torchrun_reference()))
 
 
 def test_a_signalled_worker_stops_every_rank_with_a_checkpoint_and_resumes(
@@ -281,7 +345,7 @@ def test_a_signalled_worker_stops_every_rank_with_a_checkpoint_and_resumes(
         f"resumed from {out / 'checkpoint.pt'} at step {step} "
         in (tmp_path / "preempted.log").read_text()
     )
-    assert_equal(weights(resumed), weights(torchrun_reference))
+    assert_equal(weights(resumed), weights(torchrun_reference()))
     lines = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [x["step"] for x in lines if x["split"] == "train"] == list(range(1, 7))
 
@@ -295,10 +359,10 @@ def _children(pid: int) -> list[int]:
     return sorted(children)
 
 
-def test_corrupt_and_foreign_checkpoints_are_refused(data, tmp_path):
+def test_corrupt_and_foreign_checkpoints_are_refused(data, tmp_path, capsys):
     config = run_config(data, max_steps=2)
     out = tmp_path / "run"
-    train(config, out)
+    train_here(config, out)
     good = (out / "checkpoint.pt").read_bytes()
 
     # The CLI's refusal is checked below (another config); these are read_checkpoint's.
@@ -313,10 +377,10 @@ def test_corrupt_and_foreign_checkpoints_are_refused(data, tmp_path):
         read_checkpoint(bad)
 
     (out / "checkpoint.pt").write_bytes(good)
-    message = fails(dict(config, optimizer={"lr": 2e-3}), out)
+    message = fails_here(dict(config, optimizer={"lr": 2e-3}), out, capsys)
     assert "belongs to a different config" in message
     # Longer runs of the same config continue from it.
-    assert train(dict(config, max_steps=3), out)["step"] == 3
+    assert train_here(dict(config, max_steps=3), out)["step"] == 3
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
@@ -346,10 +410,11 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(data, tmp_path):
     assert not (out / "final.pt").exists()
 
 
-def test_impossible_configs_fail_before_any_work(data, tmp_path):
-    """The CLI stops with the reason and no traceback, before writing anything: for a config
-    that the schema refuses, and for each check that needs the data or the process group.
-    The other config errors are load_config's, which that first case runs."""
+def test_impossible_configs_fail_before_any_work(data, tmp_path, capsys):
+    """The CLI (its main, in this process) stops with the reason and no traceback, before
+    writing anything: for a config that the schema refuses, and for each check that needs the
+    data or the process group. The other config errors are load_config's, which that first case
+    runs. (test_non_finite_loss_... sees a real process fail without a traceback.)"""
     base = run_config(data)
     cases = {
         "Additional properties are not allowed ('learning_rate'": dict(base, learning_rate=1),
@@ -362,7 +427,7 @@ def test_impossible_configs_fail_before_any_work(data, tmp_path):
     }
     for number, (message, config) in enumerate(cases.items()):
         out = tmp_path / f"case{number}"
-        log = fails(config, out)
+        log = fails_here(config, out, capsys)
         assert message in log, (message, log[-2000:])
         assert not (out / "checkpoint.pt").exists()
         assert "Traceback" not in log, log[-2000:]
@@ -385,11 +450,13 @@ def test_impossible_configs_fail_before_any_work(data, tmp_path):
     assert config_source(parser.parse_args(["--config-json", '{"a": 1}'])) == {"a": 1}
 
 
-def test_cli_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "graphpar.training.train", "--help"], capture_output=True, text=True
-    )
-    assert result.returncode == 0 and "torchrun" in result.stdout
+def test_cli_help(capsys):
+    """--help, in this process (the other tests start the CLI as `python -m` and torchrun)."""
+    from graphpar.training.train import main
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--help"])
+    assert exit.value.code == 0 and "torchrun" in capsys.readouterr().out
 
 
 def test_fine_tuning_starts_from_a_checkpoint_with_exponential_decay(tiny_workflow, tmp_path):
@@ -411,7 +478,7 @@ def test_fine_tuning_starts_from_a_checkpoint_with_exponential_decay(tiny_workfl
         "scheduler": {"name": "exponential", "gamma": 0.5},
         "loss": {"energy_coefficient": 1, "force_coefficient": 0},
     }
-    tuned = train(config, tmp_path / "ft")
+    tuned = train_here(config, tmp_path / "ft")
     lines = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
     rates = {x["step"]: x["lr"] for x in lines if x["split"] == "train"}
     assert rates == {1: 1e-12, 2: 1e-12, 3: 5e-13, 4: 5e-13}  # 4 systems, 2 steps per epoch
@@ -467,16 +534,20 @@ def test_scaling_measures_the_trainers_step(data, tmp_path):
         val=None,
         normalization={"energy_mean": 0.0, "energy_std": 1.0},  # as the scaling study's
     )
-    trained = train(config, tmp_path / "train")
-    lines = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
-
     out = tmp_path / "scaling.json"
     command = [sys.executable, "-m", "graphpar.scaling", "--config-json", json.dumps(config)]
     command += ["--out", str(out), "--warmup", "2", "--steps", "2"]
     env = dict(tool_env(), OMP_NUM_THREADS="1")
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    scaling = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+    trained = train_here(config, tmp_path / "train")  # while the scaling run starts
+    lines = (tmp_path / "train" / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line)["loss"] for line in lines]
+
+    _, stderr = scaling.communicate(timeout=300)
+    assert scaling.returncode == 0, stderr[-4000:]
     provenance = json.loads(out.read_text())["provenance"]
 
     assert len(losses) == 4 and provenance["losses"] == pytest.approx(losses, rel=1e-12)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -69,14 +70,15 @@ def test_tiny_run_trains_both_models_through_torchrun(tiny_workflow):
 
 
 TRIPLETS = ("dimenetpp", "gemnet")
+TINY_EVALUATED = ("val_id", "test_ood_cat")  # .test/config/config.yaml, evaluate.splits
 
 
-def test_tiny_run_relaxes_every_val_and_test_split(tiny_workflow):
+def test_tiny_run_relaxes_the_evaluated_splits(tiny_workflow):
     """IS2RS and IS2RE metrics per (run, split) with FbT/AFbT from EMT, relaxed structures and
     submission-format predictions."""
     results = tiny_workflow / "results" / "tiny"
     for run in ("dimenetpp", "gemnet"):
-        for split in ("val_id", "val_ood_ads", "test_ood_cat", "test_ood_both"):
+        for split in TINY_EVALUATED:
             data = LmdbDataset(tiny_workflow / "resources/mini/lmdb/is2re" / split)
             is2rs = json.loads((results / "metrics" / run / f"is2rs_{split}.json").read_text())
             is2re = json.loads((results / "metrics" / run / f"is2re_{split}.json").read_text())
@@ -102,12 +104,12 @@ def test_tiny_run_relaxes_every_val_and_test_split(tiny_workflow):
             assert "G x D = 2 x 1" in log.read_text()  # config evaluate.gp_size: 2
 
 
-def test_tiny_run_evaluates_every_val_and_test_split(tiny_workflow):
+def test_tiny_run_evaluates_the_evaluated_splits(tiny_workflow):
     """One metrics JSON per (run, split) with OC20's S2EF keys and provenance, and predictions
     in OC20's submission layout, consistent with the split."""
     results = tiny_workflow / "results" / "tiny"
     for run in ("dimenetpp", "gemnet"):
-        for split in ("val_id", "val_ood_ads", "test_ood_cat", "test_ood_both"):
+        for split in TINY_EVALUATED:
             metrics = json.loads((results / "metrics" / run / f"s2ef_{split}.json").read_text())
             assert metrics["task"] == "s2ef" and metrics["split"] == split
             data = LmdbDataset(tiny_workflow / "resources/mini/lmdb/s2ef" / split)
@@ -295,6 +297,16 @@ TINY_SPLITS = "known: val_id, val_ood_ads, test_ood_cat, test_ood_both"
             "G x D / site.gpus_per_node nodes",
             id="nodes key",
         ),
+        pytest.param(
+            lambda c: c["train"]["gemnet"].update(gpu_days="a week"),
+            "config train.gemnet: gpu_days must be a number of GPU-days, not 'a week'",
+            id="gpu_days",
+        ),
+        pytest.param(
+            lambda c: c.update(rehearsal={}, dataset={"source": "oc20"}),
+            "config rehearsal: a rehearsal runs on the embedded data (dataset.source: mini",
+            id="rehearsal of OC20",
+        ),
     ],
 )
 def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, message):
@@ -347,6 +359,9 @@ RENDEZVOUS = (
 )
 
 
+PREEMPTIBLE = " --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=270"
+
+
 def sbatch_line(job) -> str:
     """The sbatch command line the SLURM plugin (2.8) submits `job` with, less its account,
     partition and log (from the site and the run)."""
@@ -384,25 +399,41 @@ def test_every_paper_run_is_shaped_for_a_site_of_8_gpus_per_node(tmp_path):
             if job.rule.name == "evaluate_s2ef":
                 assert "--ntasks" not in sbatch and "torchrun" not in command, what
                 assert " python -m graphpar.evaluate s2ef " in f" {command}", what
-            elif nodes == 1:
-                assert resources["mpi"] == "" and "--ntasks" not in sbatch, what
-                assert "srun" not in command, what
-                launch = f" torchrun --standalone --nproc_per_node={per_node} -m "
-                assert command.count("torchrun") == 1 and launch in command, what
             else:
-                assert resources["mpi"] == "srun" and f" --ntasks={nodes} " in sbatch, what
-                cpus = job.threads
-                launch = (
-                    f"srun --ntasks={nodes} --cpus-per-task={cpus} --kill-on-bad-exit=1 --label"
-                    f" torchrun --nnodes={nodes} --nproc_per_node={per_node} {RENDEZVOUS} -m "
-                )
-                assert command.count("torchrun") == 1 and launch in command, what
+                # One task per node, a job step (what --signal reaches): on one node only
+                # inside a SLURM job (local runs start torchrun directly).
+                cpus = re.search(r"--cpus-per-task=(\d+) --kill", command)
+                assert cpus and 1 <= int(cpus[1]) <= job.threads, what  # within the job's
+                step = f"--ntasks={nodes} --cpus-per-task={cpus[1]} --kill-on-bad-exit=1 --label"
+                if nodes == 1:
+                    assert resources["mpi"] == "" and "--ntasks" not in sbatch, what
+                    launch = f" ${{SLURM_JOB_ID:+srun {step} }}torchrun --standalone"
+                else:
+                    assert resources["mpi"] == "srun" and f" --ntasks={nodes} " in sbatch, what
+                    launch = f"srun {step} torchrun --nnodes={nodes}"
+                launch += f" --nproc_per_node={per_node}"
+                launch += f" {RENDEZVOUS}" if nodes > 1 else ""
+                # Training passes SLURM's warning on to its processes and waits for their
+                # checkpoint (workflow/rules/common.smk, "Preemption").
+                launch += PREEMPTIBLE if job.rule.name == "train" else ""
+                if job.rule.name == "train":  # resubmissions: GemNet-XL's gpu_days, else 1
+                    assert job.rule.restart_times == (4 if name == "gemnet-xl.yaml" else 1), what
+                assert command.count("torchrun") == 1 and f"{launch} -m " in command, what
         assert shapes == {key: {shape} for key, shape in expected.items()}, name
     gemnet_xl = dry_run(
         tmp_path, REPO / "config/paper/gemnet-xl.yaml", {"site": {"gpus_per_node": 8}}, True
     )
     train = next(j for j in gemnet_xl if j.rule.name == "train")
     assert " --nodes=32 --ntasks=32 --cpus-per-task=72 " in sbatch_line(train)  # 8 x (1 + 8)
+    # 1,962 GPU-days on 256 GPUs in jobs of site.job_hours = 48: 4 jobs, so 3 resubmissions
+    # and a spare; each asks for the site's time limit.
+    assert train.rule.restart_times == 4 and train.resources["runtime"] == 48 * 60
+    # Its S2EF evaluation takes the validation batch of one GPU: 128 / D = 2 systems.
+    evaluation = next(j for j in gemnet_xl if j.rule.name == "evaluate_s2ef")
+    assert " --batch-size 2 " in evaluation.shellcmd
+    # The profile asks SLURM for the warning (its set-resources apply on a real submission).
+    profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
+    assert profile["set-resources"]["train"]["slurm_extra"] == "'--signal=USR1@300'"
 
 
 @pytest.mark.parametrize("config_file", CONFIGS, ids=lambda p: str(p.relative_to(REPO)))

@@ -11,33 +11,39 @@ import os
 import re
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SNAKEFILE, SNAKEMAKE, tool_env
+from conftest import REPO, SNAKEFILE, tool_env
 
-from cluster.local_slurm import LocalSlurm, Unavailable
+from cluster.local_slurm import CPU_OVERCOMMIT, LocalSlurm, Unavailable
 
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
+CPUS = (os.cpu_count() or 1) * CPU_OVERCOMMIT  # the test node's, as SLURM knows it
 # "Job 3 has been submitted with SLURM jobid 12 (log: /.../.snakemake/slurm_logs/...log)."
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$")
 
 
-def site_settings(root: Path, gpus_per_node: int | None = None) -> Path:
+def site_settings(
+    root: Path, gpus_per_node: int | None = None, name: str = "site", max_threads: int | None = None
+) -> Path:
     """The test node's site profile, given after ours. It holds what a real cluster does not
     need: no accounting database (no account, squeue instead of sacct), status checks every
     second (the plugin first checks after 40 s, Snakemake then every 10 s), at most the
-    machine's CPUs per job, and optionally the site's `gpus_per_node` (its `config:`, as a real
-    site profile sets it) with every node of a multi-node job emulated on the one test node: the
-    job's tasks (one torchrun agent each) share it."""
+    machine's CPUs per job (max_threads: more, up to the node's CPUS as SLURM knows them, for
+    jobs of many processes: each asks for a CPU per process), and optionally the site's
+    `gpus_per_node` (its `config:`, as a real site profile sets it) with every node of a
+    multi-node job emulated on the one test node: the job's tasks (one torchrun agent each)
+    share it. `name`: the profile's folder under `root`."""
     settings = {
         "slurm-no-account": True,
         # sacct without a database: Snakemake hung for over 10 minutes and ignored SIGTERM.
         "slurm-status-command": "squeue",
         "slurm-init-seconds-before-status-checks": 1,
         "seconds-between-status-checks": 1,
-        "max-threads": os.cpu_count() or 1,
+        "max-threads": max_threads or os.cpu_count() or 1,
     }
     if gpus_per_node is not None:
         settings["config"] = {"site": {"gpus_per_node": gpus_per_node}}
@@ -47,15 +53,16 @@ def site_settings(root: Path, gpus_per_node: int | None = None) -> Path:
         for rule in ("train", "scaling", "relax"):  # the rules whose jobs may span nodes
             resources[rule] = {**resources[rule], "nodes": 1}
         settings["set-resources"] = resources
-    profile = root / "site"
+    profile = root / name
     profile.mkdir(parents=True, exist_ok=True)
     (profile / "config.yaml").write_text(yaml.safe_dump(settings))
     return profile
 
 
 def slurm_snakemake(workdir: Path, site: Path, *args: str) -> list[str]:
-    """The command line of snakemake --profile workflow/profiles/slurm --profile SITE."""
-    command = [str(SNAKEMAKE)]
+    """The command line of snakemake --profile workflow/profiles/slurm --profile SITE, checking
+    its jobs every second as the site asks (snakemake_polling_every_second.py)."""
+    command = [sys.executable, str(Path(__file__).with_name("snakemake_polling_every_second.py"))]
     command += ["--snakefile", str(SNAKEFILE), "--directory", str(workdir)]
     return [*command, "--profile", str(PROFILE), "--profile", str(site), *args]
 

@@ -22,11 +22,15 @@ from debian_packages import SLURM, Unavailable, ensure_packages
 CONF_DIR = Path("/etc/slurm")
 # GPUs of the test node. SLURM 22.05 drops count-only GPUs ("Removing file-less GPU"), so each
 # is backed by a stand-in character device (/dev/null's numbers) that nothing opens.
-GPUS = 4
-# Each SLURM job starts Snakemake twice (batch step, then srun step), single-threaded imports of
-# torch for ~10 s: two jobs at a time keep both cores busy while the other starts.
-CPU_OVERCOMMIT = 2
-DECLARED_MEMORY_MB = 256000  # a GPU node's memory, for the profile's train requests
+# Up to 8 per job (the scaling study's G = 8 rehearsed), several jobs at once (the four
+# rehearsals of tests/cluster/test_rehearsal.py run together).
+GPUS = 24
+# Declared CPUs per real CPU: a job of two emulated nodes of 8 GPUs asks for 16 (one per
+# process) and the rehearsals run several such jobs at once; most jobs ask for one or two.
+CPU_OVERCOMMIT = 16
+# A GPU node's memory, for the profile's train requests (128 GB each): the rehearsals run
+# several trainings at once.
+DECLARED_MEMORY_MB = 1_024_000
 
 
 def memory_mb() -> int:

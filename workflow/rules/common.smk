@@ -1,5 +1,6 @@
 # Helpers shared by the workflow's modules: config validation, paths, targets.
 import json
+import math
 import re
 import shlex
 import sys
@@ -32,8 +33,62 @@ shell.prefix(f"export {' '.join(ENVIRONMENT)}; ")
 
 from graphpar.training.config import TrainingError, load_config  # noqa: E402
 from graphpar.data import mini, oc20  # noqa: E402
+from graphpar.model_configs import tiny_widths  # noqa: E402 (plain data, no torch)
 
 validate(config, "../schemas/config.schema.yaml")
+
+
+# ---- rehearsal --------------------------------------------------------------------------------
+# config/rehearsal.yaml after a paper config: the same runs in miniature (schema, "rehearsal").
+
+
+def rehearsed(run_config, rehearsal, experiment):
+    """A training or scaling run in miniature (schema, "rehearsal")."""
+    run_config = dict(run_config)
+    dp_size = min(run_config.get("dp_size") or 1, rehearsal["dp_size"])
+    # OC20's training sets (train_all, train_20M, md, ...) are the embedded data's `train`.
+    splits = [(split if split in mini.SPLITS else "train") for split in run_config["train"]]
+    init = run_config.get("init_checkpoint")
+    if init and init.startswith(f"results/{experiment}/"):
+        init = f"results/{experiment}-rehearsal/{init.removeprefix(f'results/{experiment}/')}"
+    run_config.update(
+        train=list(dict.fromkeys(splits)),
+        model_args={**run_config.get("model_args", {}), **tiny_widths(run_config["model"])},
+        dp_size=dp_size,
+        batch_size=rehearsal["batch_per_group"] * dp_size,
+        val_batch_size=rehearsal["batch_per_group"] * dp_size,
+        max_steps=rehearsal["steps"],
+        eval_every=rehearsal["steps"],
+        checkpoint_every=rehearsal["steps"],
+        num_workers=0,
+    )
+    if init:
+        run_config["init_checkpoint"] = init
+    run_config.pop("gpu_days", None)
+    return run_config
+
+
+def rehearse(config):
+    """Turn `config` into its rehearsal (in place)."""
+    rehearsal, experiment = config["rehearsal"], config["experiment"]
+    if config["dataset"]["source"] != "mini":
+        raise ValueError(
+            "config rehearsal: a rehearsal runs on the embedded data (dataset.source: mini, as "
+            "config/rehearsal.yaml sets it); give config/rehearsal.yaml after the paper config"
+        )
+    config["experiment"] = f"{experiment}-rehearsal"
+    for run, run_config in config["train"].items():
+        config["train"][run] = rehearsed(run_config, rehearsal, experiment)
+    scaling = config["scaling"]
+    for run, run_config in scaling["runs"].items():
+        scaling["runs"][run] = rehearsed(run_config, rehearsal, experiment)
+    scaling.update(warmup=1, steps=1)
+    if config["train"]:
+        config["evaluate"]["splits"] = rehearsal["splits"]
+
+
+if "rehearsal" in config:
+    rehearse(config)
 
 
 DATASET = config["dataset"]["source"]
@@ -140,9 +195,11 @@ def no_nodes_key(name, run_config):
 
 
 def train_config(run):
-    """The full graphpar.training config of a run: split names resolved to folders, validated."""
+    """The full graphpar.training config of a run: split names resolved to folders, validated;
+    without gpu_days (the workflow's: TRAIN_GPU_DAYS)."""
     run_config = dict(config["train"][run])
     no_nodes_key(f"train.{run}", run_config)
+    run_config.pop("gpu_days", None)
     run_config["train"] = [train_split_dir(run, split) for split in run_config["train"]]
     if run_config.get("val") is not None:
         run_config["val"] = train_split_dir(run, run_config["val"])
@@ -153,6 +210,19 @@ def train_config(run):
 
 
 TRAIN = {run: train_config(run) for run in config["train"]}  # every run checked at startup
+
+
+def gpu_days(run):
+    """A run's expected cost in GPU-days (config key gpu_days), or None."""
+    days = config["train"][run].get("gpu_days")
+    if days is not None and (isinstance(days, bool) or not isinstance(days, (int, float))):
+        raise ValueError(f"config train.{run}: gpu_days must be a number of GPU-days, not {days!r}")
+    if days is not None and days <= 0:
+        raise ValueError(f"config train.{run}: gpu_days must be positive, not {days}")
+    return days
+
+
+TRAIN_GPU_DAYS = {run: gpu_days(run) for run in config["train"]}
 
 
 def train_inputs(wildcards):
@@ -349,34 +419,56 @@ def gres(shape):
 
 
 def mpi_launcher(shape):
-    """The plugin's MPI launcher (resources.mpi) for multi-node jobs; none on one node."""
+    """The plugin's MPI launcher (resources.mpi) for multi-node jobs; none on one node. (The
+    key is always there, so the plugin never wraps the job in an `srun -n1` of its own: the
+    rule's shell starts the job step, srun_options.)"""
     return "srun" if shape["nodes"] > 1 else ""
 
 
 # A rule's shell: `{params.requires_slurm}{resources.mpi} {params.srun}torchrun
 # {params.torchrun} -m ...`.
 def srun_options(shape):
-    """srun's options on several nodes (one torchrun per task), with a trailing space; none on
-    one node."""
+    """srun's options, with a trailing space: one task per node, each a torchrun agent. Several
+    nodes: after resources.mpi's `srun`. One node: the whole `srun ...` inside a SLURM job and
+    nothing outside one (local runs), so that on SLURM every torchrun is a job step, which is
+    what `--signal` (the train rule's warning before the time limit, workflow/profiles/slurm)
+    and `scancel --signal` reach: they signal job steps, not the batch script."""
     nodes = shape["nodes"]
+    options = (
+        f"--ntasks={nodes} --cpus-per-task={cpus_per_node(shape)} --kill-on-bad-exit=1 --label "
+    )
     if nodes == 1:
-        return ""
-    cpus = cpus_per_node(shape)
-    return f"--ntasks={nodes} --cpus-per-task={cpus} --kill-on-bad-exit=1 --label "
+        return f"${{SLURM_JOB_ID:+srun {options}}}"
+    return options
 
 
-def torchrun_options(shape):
+# Preemption: the signals a torchrun agent passes on to its training processes (the trainer
+# stops after the step under way, writes checkpoint.pt and exits: graphpar.training.train),
+# and how long the agent then waits for them before killing them. SLURM warns 300 s before the
+# time limit (the profile's --signal=USR1@300, up to a minute late); what the step under way
+# leaves of that is the checkpoint's write.
+PREEMPT_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"  # torchrun's four, and SLURM's USR1
+PREEMPT_SHUTDOWN_S = 270
+
+
+def torchrun_options(shape, preemptible=False):
     """torchrun's options: standalone on one node, else a c10d rendezvous. The batch script runs
     on the first node of the allocation, so its hostname (expanded there, before srun) is the
-    rendezvous host."""
+    rendezvous host. preemptible (training): the agents pass SIGUSR1 on too and wait
+    PREEMPT_SHUTDOWN_S for the checkpoint."""
     nodes, per_node = shape["nodes"], shape["per_node"]
+    options = f"--nproc_per_node={per_node}"
     if nodes == 1:
-        return f"--standalone --nproc_per_node={per_node}"
-    return (
-        f"--nnodes={nodes} --nproc_per_node={per_node} --rdzv_backend=c10d"
-        f" --rdzv_endpoint=$(hostname):$(({RDZV_PORT} + SLURM_JOB_ID % 10000))"
-        " --rdzv_id=$SLURM_JOB_ID"
-    )
+        options = f"--standalone {options}"
+    else:
+        options = (
+            f"--nnodes={nodes} {options} --rdzv_backend=c10d"
+            f" --rdzv_endpoint=$(hostname):$(({RDZV_PORT} + SLURM_JOB_ID % 10000))"
+            " --rdzv_id=$SLURM_JOB_ID"
+        )
+    if preemptible:
+        options += f" --signals-to-handle={PREEMPT_SIGNALS} --shutdown-timeout={PREEMPT_SHUTDOWN_S}"
+    return options
 
 
 def requires_slurm(shape):
@@ -391,8 +483,25 @@ def requires_slurm(shape):
     return f'[ -n "${{SLURM_JOB_ID:-}}" ] || {{ echo "{message}" >&2; exit 1; }}; '
 
 
+JOB_HOURS = float(config["site"]["job_hours"])  # a string from a profile's `config:`
+
+
+def train_jobs(run):
+    """How many jobs of site.job_hours a run takes: its gpu_days over its G x D GPUs (1 when the
+    run states no gpu_days)."""
+    days = TRAIN_GPU_DAYS[run]
+    if days is None:
+        return 1
+    return math.ceil(days * 24 / TRAIN_SHAPES[run]["processes"] / JOB_HOURS)
+
+
 # Every job's shape, checked at startup. S2EF evaluation is one process (one GPU) for now.
 TRAIN_SHAPES = {run: run_shape(f"train.{run}", run_config) for run, run_config in TRAIN.items()}
+# The train rule's resubmissions (one number for the rule: Snakemake takes no per-job value):
+# the longest run's jobs - 1 to finish, plus one spare for a node failure. Inside a cluster job
+# (Snakemake's remote mode) none: the rule's retries would rerun a preempted training in the
+# same allocation, minutes before its time limit, instead of resubmitting it.
+TRAIN_RETRIES = 0 if workflow.remote_exec else max(map(train_jobs, TRAIN), default=1)
 RELAX_SHAPE = launch_shape(
     "evaluate (relaxations)", config["evaluate"]["gp_size"], config["evaluate"]["dp_size"]
 )

@@ -26,7 +26,12 @@ rule evaluate_s2ef:
         tasks=1,
         gres=lambda wildcards: evaluate_s2ef_gres(wildcards.run),
         tasks_per_gpu=0,  # see the train rule: no --ntasks-per-gpu
+    params:
+        # The run's validation batch per data-parallel group: what one GPU held in training.
+        batch_size=lambda wildcards: max(
+            1, TRAIN[wildcards.run]["val_batch_size"] // (TRAIN[wildcards.run]["dp_size"] or 1)
+        ),
     shell:
         "python -m graphpar.evaluate s2ef --checkpoint {input.checkpoint} --data {input.data}"
-        " --split {wildcards.split} --metrics {output.metrics}"
+        " --split {wildcards.split} --batch-size {params.batch_size} --metrics {output.metrics}"
         " --predictions {output.predictions} > {log} 2>&1"

@@ -20,16 +20,16 @@ rule train:
     wildcard_constraints:
         run="|".join(map(re.escape, TRAIN)) or "(?!)",
     # Resubmissions after a failure, timeout or preemption (the trainer exits nonzero with
-    # checkpoint.pt written; each retry resumes): the longest run, GemNet-XL (~7.7 days), takes 4
-    # jobs at the SLURM profile's 2-day limit, plus one spare. Snakemake 9 wants an int here, not
-    # a callable, so it is sized for the longest run rather than per run.
-    retries: 4
+    # checkpoint.pt written; each retry resumes): sized by the longest run's gpu_days for jobs
+    # of site.job_hours (common.smk, TRAIN_RETRIES; GemNet-XL's 1,962 GPU-days on 256 GPUs are
+    # 4 jobs of 48 h, so 4: three to finish and a spare).
+    retries: TRAIN_RETRIES
     conda:
         "../../envs/data.yaml"
     threads: lambda wildcards: cpus_per_node(TRAIN_SHAPES[wildcards.run])
     resources:
         mem_mb=8000,
-        runtime=7 * 24 * 60,
+        runtime=round(JOB_HOURS * 60),  # minutes
         # SLURM (local runs ignore these): per node GPUs and CPUs, one task per node.
         nodes=lambda wildcards: TRAIN_SHAPES[wildcards.run]["nodes"],
         tasks=lambda wildcards: TRAIN_SHAPES[wildcards.run]["nodes"],
@@ -41,7 +41,7 @@ rule train:
     params:
         config=lambda wildcards: json.dumps(TRAIN[wildcards.run]),
         srun=lambda wildcards: srun_options(TRAIN_SHAPES[wildcards.run]),
-        torchrun=lambda wildcards: torchrun_options(TRAIN_SHAPES[wildcards.run]),
+        torchrun=lambda wildcards: torchrun_options(TRAIN_SHAPES[wildcards.run], preemptible=True),
         requires_slurm=lambda wildcards: requires_slurm(TRAIN_SHAPES[wildcards.run]),
         out=lambda wildcards: f"{RESULTS}/checkpoints/{wildcards.run}",
     shell:

@@ -24,8 +24,9 @@ GemNet configurations share the OC20 settings of gemnet-dT.yml (rbf/cbf 16, 128 
 7 spherical orders, skip 1/2, concat 1, atom 3, cutoff 6, 50 neighbours); the scaling family
 (paper section 2.4) varies blocks and widths only.
 
-Other model families register their configurations in `MODELS` the same way:
-`MODELS[name] = (factory, default_kwargs)`.
+The configurations are plain data in `graphpar.model_configs` (importable without torch); other
+model families register theirs in `MODELS` the same way: `MODELS[name] = (factory,
+default_kwargs)`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from graphpar.model_configs import CONFIGURATIONS
 from graphpar.models.dimenetpp import DimeNetPlusPlus
 from graphpar.models.gemnet import GemNetT
 
@@ -48,89 +50,11 @@ __all__ = [
     "scale_shared_gradients",
 ]
 
+# The registered configurations (graphpar.model_configs, plain data) with their families' classes.
+FAMILIES: dict[str, Callable[..., nn.Module]] = {"dimenetpp": DimeNetPlusPlus, "gemnet": GemNetT}
 MODELS: dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]] = {
-    "dimenetpp": (
-        DimeNetPlusPlus,
-        dict(hidden_channels=192, out_emb_channels=192, int_emb_size=64, num_blocks=3),
-    ),
-    "dimenetpp-large": (
-        DimeNetPlusPlus,
-        dict(hidden_channels=512, out_emb_channels=384, int_emb_size=64, num_blocks=3),
-    ),
-    "dimenetpp-xl": (
-        DimeNetPlusPlus,
-        dict(hidden_channels=2048, out_emb_channels=1536, int_emb_size=256, num_blocks=4),
-    ),
-    "dimenetpp-small": (
-        DimeNetPlusPlus,
-        dict(
-            hidden_channels=64,
-            out_emb_channels=64,
-            int_emb_size=32,
-            basis_emb_size=8,
-            num_blocks=3,
-        ),
-    ),
-    "dimenetpp-tiny": (
-        DimeNetPlusPlus,
-        dict(
-            hidden_channels=16,
-            out_emb_channels=16,
-            int_emb_size=8,
-            basis_emb_size=4,
-            num_blocks=2,
-        ),
-    ),
+    name: (FAMILIES[family], kwargs) for name, (family, kwargs) in CONFIGURATIONS.items()
 }
-
-_GEMNET_OC20 = dict(
-    emb_size_rbf=16,
-    emb_size_cbf=16,
-    num_radial=128,
-    num_spherical=7,
-    num_before_skip=1,
-    num_after_skip=2,
-    num_concat=1,
-    num_atom=3,
-    cutoff=6.0,
-    max_neighbors=50,
-    direct_forces=True,
-)
-
-
-def _gemnet(num_blocks: int, atom: int, edge: int, trip: int, bil: int) -> dict[str, Any]:
-    return dict(
-        _GEMNET_OC20,
-        num_blocks=num_blocks,
-        emb_size_atom=atom,
-        emb_size_edge=edge,
-        emb_size_trip=trip,
-        emb_size_bil_trip=bil,
-    )
-
-
-MODELS.update(
-    {
-        "gemnet-dt": (GemNetT, _gemnet(3, 512, 512, 64, 64)),
-        "gemnet-xl": (GemNetT, _gemnet(6, 128, 1536, 384, 192)),
-        "gemnet-125m": (GemNetT, _gemnet(3, 1280, 768, 128, 64)),
-        "gemnet-245m": (GemNetT, _gemnet(4, 1536, 1024, 192, 96)),
-        "gemnet-480m": (GemNetT, _gemnet(6, 1792, 1184, 288, 160)),
-        "gemnet-960m": (GemNetT, _gemnet(8, 2320, 1302, 512, 288)),
-        "gemnet-small": (GemNetT, dict(_gemnet(3, 64, 64, 32, 32), num_radial=16)),
-        "gemnet-tiny": (
-            GemNetT,
-            dict(
-                _gemnet(2, 16, 16, 8, 8),
-                emb_size_rbf=4,
-                emb_size_cbf=4,
-                num_radial=8,
-                num_atom=2,
-                num_after_skip=1,
-            ),
-        ),
-    }
-)
 
 
 def build_model(name: str, **overrides: Any) -> nn.Module:

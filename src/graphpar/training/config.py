@@ -22,6 +22,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from graphpar.model_configs import CONFIGURATIONS
+
 __all__ = [
     "MODEL_ARGUMENTS",
     "MODEL_ARGUMENT_TYPES",
@@ -96,26 +98,11 @@ _GEMNET_ARGUMENTS = {
     "num_targets": "int",
     "scale_file": "str | None",
 }
-# Every registered model configuration (graphpar.models.MODELS): its constructor's arguments,
+# Every registered model configuration (graphpar.model_configs): its constructor's arguments,
 # which `model_args` may override, with their annotations.
+_FAMILY_ARGUMENTS = {"dimenetpp": _DIMENETPP_ARGUMENTS, "gemnet": _GEMNET_ARGUMENTS}
 MODEL_ARGUMENT_TYPES: dict[str, dict[str, str]] = {
-    **dict.fromkeys(
-        ("dimenetpp", "dimenetpp-large", "dimenetpp-xl", "dimenetpp-small", "dimenetpp-tiny"),
-        _DIMENETPP_ARGUMENTS,
-    ),
-    **dict.fromkeys(
-        (
-            "gemnet-dt",
-            "gemnet-xl",
-            "gemnet-125m",
-            "gemnet-245m",
-            "gemnet-480m",
-            "gemnet-960m",
-            "gemnet-small",
-            "gemnet-tiny",
-        ),
-        _GEMNET_ARGUMENTS,
-    ),
+    name: _FAMILY_ARGUMENTS[family] for name, (family, _) in CONFIGURATIONS.items()
 }
 MODEL_ARGUMENTS: dict[str, frozenset[str]] = {
     model: frozenset(arguments) for model, arguments in MODEL_ARGUMENT_TYPES.items()
