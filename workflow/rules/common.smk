@@ -31,7 +31,7 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     ENVIRONMENT.append(f"PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH")
 shell.prefix(f"export {' '.join(ENVIRONMENT)}; ")
 
-from graphpar.training.config import TrainingError, load_config  # noqa: E402
+from graphpar.training.config import TrainingError, load_config, val_batch_per_group  # noqa: E402
 from graphpar.data import mini, oc20  # noqa: E402
 from graphpar.model_configs import tiny_widths  # noqa: E402 (plain data, no torch)
 

@@ -28,8 +28,8 @@ rule evaluate_s2ef:
         tasks_per_gpu=0,  # see the train rule: no --ntasks-per-gpu
     params:
         # The run's validation batch per data-parallel group: what one GPU held in training.
-        batch_size=lambda wildcards: max(
-            1, TRAIN[wildcards.run]["val_batch_size"] // (TRAIN[wildcards.run]["dp_size"] or 1)
+        batch_size=lambda wildcards: val_batch_per_group(
+            TRAIN[wildcards.run], TRAIN[wildcards.run]["dp_size"] or 1
         ),
     shell:
         "python -m graphpar.evaluate s2ef --checkpoint {input.checkpoint} --data {input.data}"

@@ -34,6 +34,7 @@ __all__ = [
     "config_source",
     "layout_error",
     "load_config",
+    "val_batch_per_group",
 ]
 
 # Keys that do not change the trajectory of a run: a checkpoint stays valid when they change.
@@ -222,6 +223,13 @@ def layout_error(config: Mapping, world_size: int) -> str | None:
     if config["batch_size"] % (world_size // gp_size):
         return f"batch_size {config['batch_size']} is not a multiple of D = {world_size // gp_size}"
     return None
+
+
+def val_batch_per_group(config: Mapping, dp_size: int) -> int:
+    """Systems per validation batch on one of `dp_size` data-parallel groups: the global
+    `val_batch_size` shared among them (at least 1). What the trainer's validation and the
+    workflow's one-process S2EF evaluation put on one GPU."""
+    return max(1, config["val_batch_size"] // dp_size)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

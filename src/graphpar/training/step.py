@@ -19,7 +19,7 @@ from torch import Tensor
 from graphpar.data.dataset import collate
 from graphpar.models import scale_shared_gradients
 from graphpar.parallel import dp_sum, get_dims, sync_gradients
-from graphpar.training.config import TrainingError
+from graphpar.training.config import TrainingError, val_batch_per_group
 from graphpar.training.ema import EMA
 from graphpar.training.normalization import Normalized, energy_target
 
@@ -177,7 +177,7 @@ def validate(model: Normalized, dataset, config: Mapping, device, dtype) -> dict
     validation systems dealt to the data-parallel groups."""
     dims = get_dims()
     indices = list(range(dims.dp_rank, len(dataset), dims.dp_size))
-    per_rank = max(1, config["val_batch_size"] // dims.dp_size)
+    per_rank = val_batch_per_group(config, dims.dp_size)
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     model.eval()
     for start in range(0, len(indices), per_rank):
