@@ -12,12 +12,14 @@
 #     lmdb/<task>/<split>/          graphs (+ triplets): data.NNNN.lmdb shards + metadata.json/.npz
 #   resources/oc20/downloads/       verified archives (deleted after extraction unless kept)
 #   resources/oc20/manual/          place archives downloaded by hand here
+#   resources/checkpoints/<name>.pt published checkpoints as downloaded (config `published`)
 #   results/<experiment>/           everything computed from the data
 #     checkpoints/<run>/            final.pt, checkpoint.pt (resume), metrics.jsonl, train.log
 #     metrics/<run>/<task>_<split>.json   metrics with provenance
 #     metrics/<run>/training.jsonl  the run's learning curve (a copy of its metrics.jsonl)
 #     predictions/<run>/<task>_<split>.npz per-system predictions (OC20 submission format)
 #     relaxations/<run>/<split>/<sid>.extxyz  ML-relaxed structures with energies and forces
+#     submissions/<run>/<task>.npz  OC20 leaderboard files (all test splits), <task>.json what's in
 #     scaling/<run>.json            the scaling study (config/paper/scaling.yaml)
 #   results/tables/, results/figures/   the report: the paper's tables and figures with our rows
 #   results/paper/, results/benchmarks/ tracked: the published numbers, benchmark measurements
@@ -52,6 +54,7 @@ include: "workflow/rules/preprocess.smk"
 
 include: "workflow/rules/train.smk"
 include: "workflow/rules/scaling.smk"
+include: "workflow/rules/convert.smk"
 
 
 # ---- evaluate -----------------------------------------------------------------------------------
@@ -59,6 +62,7 @@ include: "workflow/rules/scaling.smk"
 
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/relax.smk"
+include: "workflow/rules/submission.smk"
 
 
 # ---- report -------------------------------------------------------------------------------------

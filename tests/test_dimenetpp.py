@@ -172,3 +172,21 @@ def test_registry_and_parameter_counts():
     assert count_parameters("dimenetpp-tiny") == sum(p.numel() for p in model.parameters())
     with pytest.raises(KeyError):
         build_model("nope")
+
+
+def test_detached_angles_change_forces_only_through_angles():
+    """detach_angles (OCP's DimeNet++): the same energies; forces differ where triplets exist
+    and equal the full gradient for a dimer (no triplets, so no angles); output_up_bias adds a
+    bias (zero-initialised) to each output block's up-projection."""
+    slab_batch, dimer = batch_of([slab()], cutoff=4.0), batch_of([molecule("CO", vacuum=5.0)])
+    full = tiny_model(cutoff=4.0)
+    detached = tiny_model(cutoff=4.0)
+    detached.detach_angles = True
+    for batch, differ in ((slab_batch, True), (dimer, False)):
+        a, b = full(batch), detached(batch)
+        assert torch.equal(a["energy"], b["energy"])
+        deviation = float((a["forces"] - b["forces"]).abs().max())
+        assert deviation > 1e-6 if differ else deviation < 1e-12
+    biased = DimeNetPlusPlus(**TINY, num_blocks=2, output_up_bias=True)
+    assert all(not block.lin_up.bias.any() for block in biased.output_blocks)
+    assert "lin_up.bias" not in dict(tiny_model().output_blocks[0].named_parameters())

@@ -377,3 +377,57 @@ def test_non_periodic_directions_may_have_no_cell_vector():
     flat = slab([1, 1, 0])
     flat.cell[2] = 0.0
     assert atoms_to_sample(flat, triplets=False).edge_index.shape[1] > 0
+
+
+def test_fairchem_convention_keeps_exactly_max_neighbors():
+    """Convention "fairchem" on an fcc lattice (whole shells tied): at most k sources per target
+    (k - 1 where pymatgen would list the atom as its own neighbour), where "graphpar" keeps the
+    tied shell; without a cap both are the same edge set; a batch is its structures' graphs
+    concatenated; an unknown convention is an error."""
+    from ase.build import bulk
+
+    crystal = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    crystal.positions += 0.3  # some atoms outside the cell: fairchem wraps them
+    other = STRUCTURES["triclinic"]
+    pos = torch.tensor(crystal.positions)
+    cell = torch.tensor(crystal.cell[:])
+    strict, strict_offsets = radius_graph(pos, cell, [True] * 3, 6.0, 20, convention="fairchem")
+    shell, _ = radius_graph(pos, cell, [True] * 3, 6.0, 20)
+    degree = torch.bincount(strict[1])
+    assert int(degree.max()) == 20 and int(degree.min()) >= 19
+    assert int(torch.bincount(shell[1]).min()) > 20
+    vec = pos[strict[1]] - pos[strict[0]] - strict_offsets.double() @ cell
+    assert float(vec.norm(dim=1).max()) <= 6.0
+
+    def edges(edge_index, offsets):
+        return set(zip(*edge_index.tolist(), map(tuple, offsets.tolist()), strict=True))
+
+    uncapped = [
+        radius_graph(pos, cell, [True] * 3, 6.0, None, convention=c)
+        for c in ("graphpar", "fairchem")
+    ]
+    assert edges(*uncapped[0]) == edges(*uncapped[1])
+
+    both = [crystal, other]
+    batched, batched_offsets, counts = radius_graph_batch(
+        torch.tensor(np.concatenate([a.positions for a in both])),
+        torch.tensor(np.stack([a.cell[:] for a in both])),
+        torch.tensor(np.array([a.pbc for a in both])),
+        torch.tensor([len(a) for a in both]),
+        6.0,
+        20,
+        convention="fairchem",
+    )
+    second, second_offsets = radius_graph(
+        torch.tensor(other.positions),
+        torch.tensor(other.cell[:]),
+        other.pbc,
+        6.0,
+        20,
+        convention="fairchem",
+    )
+    expected = torch.cat([strict, second + len(crystal)], dim=1)
+    assert torch.equal(batched, expected) and counts.tolist() == [strict.size(1), second.size(1)]
+    assert torch.equal(batched_offsets, torch.cat([strict_offsets, second_offsets]))
+    with pytest.raises(ValueError, match="unknown graph convention 'ocp'"):
+        radius_graph(pos, cell, [True] * 3, 6.0, 20, convention="ocp")

@@ -7,7 +7,6 @@ tars built here in the OC20 layouts (S2EF text, S2EF test LMDB shards, IS2RE LMD
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import lzma
 import pickle
@@ -17,13 +16,12 @@ import socket
 import subprocess
 import sys
 import tarfile
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 import pytest
 from conftest import tool_env
+from http_server import serve
 
 from graphpar.data import oc20
 from graphpar.data.lmdb import pyg_lmdb_length
@@ -31,76 +29,11 @@ from graphpar.data.lmdb import pyg_lmdb_length
 pytestmark = pytest.mark.timeout(120)
 
 
-# --------------------------------------------------------------------------------------------
-# A local HTTP server
-
-
-@dataclass
-class ServedFiles:
-    """What the test server serves, how it misbehaves, and what it was asked."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before a cut
-    ignore_range: bool = False
-    requests: list[tuple[str, str | None]] = field(default_factory=list)  # (path, Range header)
-
-    def ranges(self, path: str) -> list[str | None]:
-        return [range_header for requested, range_header in self.requests if requested == path]
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # the method name http.server dispatches GET requests to
-        state: ServedFiles = self.server.state
-        range_header = self.headers.get("Range")
-        state.requests.append((self.path, range_header))
-        body = state.files.get(self.path)
-        if body is None:
-            self.send_error(404)
-            return
-
-        start = 0
-        if range_header and not state.ignore_range:
-            start = int(range_header.removeprefix("bytes=").removesuffix("-"))
-            if start >= len(body):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(body)}")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        payload = body[start:]
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-
-        cut = state.cut_after.pop(self.path, None)  # only the first request is cut
-        if cut is not None:
-            # Promise the full length, send part of it, then hang up.
-            self.wfile.write(payload[:cut])
-            self.wfile.flush()
-            self.close_connection = True
-            return
-        self.wfile.write(payload)
-
-    def log_message(self, format, *args):  # keep the test output quiet
-        pass
-
-
 @pytest.fixture
 def server():
-    """A ThreadingHTTPServer on 127.0.0.1 (free port); yields (base_url, ServedFiles)."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.state = ServedFiles()
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", httpd.state
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=10)
+    """The local HTTP server (tests/http_server.py); yields (base_url, ServedFiles)."""
+    with serve() as served:
+        yield served
 
 
 def closed_port() -> int:
@@ -287,6 +220,24 @@ def test_wrong_md5_fails_and_removes_the_partial(server, tmp_path):
     assert "removed" in message
     assert not dest.exists()
     assert not Path(f"{dest}.part").exists()
+
+
+def test_a_file_without_checksum_is_checked_by_size(server, tmp_path):
+    """Published checkpoints have no checksum: a cut transfer resumes and the file must have
+    the size the server announced, or the configured one (a wrong size removes the part)."""
+    base_url, served = server
+    data = random.Random(2).randbytes(40_000)
+    served.files["/model.pt"] = data
+    served.cut_after["/model.pt"] = 15_000
+    dest = tmp_path / "model.pt"
+
+    assert oc20.download_sized(f"{base_url}/model.pt", dest, backoff=0, progress=False) == 40_000
+    assert dest.read_bytes() == data
+    assert served.ranges("/model.pt") == [None, "bytes=15000-"]
+
+    with pytest.raises(oc20.DownloadError, match="40000 bytes received, 39999 configured"):
+        oc20.download_sized(f"{base_url}/model.pt", tmp_path / "b.pt", 39_999, progress=False)
+    assert not (tmp_path / "b.pt").exists() and not (tmp_path / "b.pt.part").exists()
 
 
 def test_server_ignoring_range_restarts_cleanly(server, s2ef_tar, tmp_path):

@@ -449,3 +449,10 @@ def test_cli_help():
         env=tool_env(),
     )
     assert result.returncode == 0 and "--store-triplets" in result.stdout
+    assert "--graph-convention {graphpar,fairchem}" in result.stdout
+
+
+def test_unknown_graph_convention_is_refused(raw, tmp_path):
+    with pytest.raises(PreprocessError, match="graph_convention must be one of graphpar, fair"):
+        preprocess(raw / "s2ef" / "train", tmp_path / "out", graph_convention="ocp")
+    assert not (tmp_path / "out").exists()

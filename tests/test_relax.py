@@ -14,7 +14,7 @@ from calculator_model import CalculatorModel
 from conftest import float64_batch
 
 from graphpar.data.graph import atoms_to_sample, radius_graph_batch
-from graphpar.relax import TRIPLET_KEYS, relax_batch, relax_dataset
+from graphpar.relax import TRIPLET_KEYS, RelaxStream, relax_batch, relax_dataset, system_cost
 
 OPTIONS = {"maxstep": 0.04, "damping": 1.0, "alpha": 70.0}
 FMAX = 0.05
@@ -175,7 +175,7 @@ def test_graph_rebuilt_and_triplets_dropped(systems):
     model = Check(emt_model())
     result = relax_batch(model, batch, fmax=FMAX, steps=3)
     assert model.calls == result.model_calls == 4
-    assert seen == [False, True, True, True]
+    assert seen == [True] * 4  # every call, the first one included, on a graph built here
     assert all(key in batch for key in TRIPLET_KEYS)  # the input batch is left untouched
 
 
@@ -215,6 +215,16 @@ def test_relax_dataset_resume(tmp_path):
     recorder = Recorder(emt_model())
     relax_dataset(recorder, samples, tmp_path, batch_size=2, **options)
     assert recorder.calls == 0
+    # The batch's make-up is no part of a relaxation: another budget resumes all the same.
+    relax_dataset(recorder, samples, tmp_path, batch_size=None, budget=20, **options)
+    assert recorder.calls == 0
+    (tmp_path / "101.extxyz").unlink()
+    (tmp_path / "103.extxyz").unlink()
+    third = relax_dataset(recorder, samples, tmp_path, batch_size=None, budget=13, **options)
+    assert set(recorder.sizes) == {1}  # 13 atoms each: one at a time, the second refilled
+    assert recorder.calls == first[1]["steps"] + first[3]["steps"] + 2
+    for a, b in zip(first, third, strict=True):
+        assert a["steps"] == b["steps"] and a["energy"] == pytest.approx(b["energy"], abs=1e-9)
 
 
 def tiny_model(seed: int):
@@ -275,3 +285,134 @@ def test_runs_a_graphpar_model(systems):
     assert int(result.steps[0]) == 2 and torch.isfinite(result.energy).all()
     step = (result.trajectory_pos[0][1:] - result.trajectory_pos[0][:-1]).norm(dim=-1)
     assert step.max() <= 0.04 + 1e-12
+
+
+# ----------------------------------------------------------------------------------------------
+# Streams: batches refilled as systems finish, within a budget of atoms, edges or triplets
+# ----------------------------------------------------------------------------------------------
+
+# (metal, adsorbate, seed, slab size): 9 to 28 atoms, converging after different step counts.
+STREAM = [
+    ("Cu", "O", 0, (2, 2, 3)),
+    ("Pt", "H", 1, (2, 2, 2)),
+    ("Au", "C", 2, (3, 2, 3)),
+    ("Cu", "H", 3, (2, 2, 2)),
+    ("Pt", "O", 4, (3, 3, 3)),
+    ("Au", "H", 5, (2, 2, 3)),
+]
+
+
+def sized_slab(metal: str, adsorbate: str, seed: int, size: tuple[int, int, int]):
+    """As `slab`, of `size`; the bottom layer fixed."""
+    atoms = fcc111(metal, size=size, vacuum=6.0)
+    add_adsorbate(atoms, adsorbate, 1.8, "fcc")
+    atoms.set_constraint(FixAtoms(mask=atoms.get_tags() == size[2]))
+    atoms.rattle(0.08, seed=seed)
+    atoms.set_cell(np.asarray(atoms.cell).astype(np.float32).astype(np.float64))
+    atoms.positions = atoms.positions.astype(np.float32).astype(np.float64)
+    return atoms
+
+
+class Sizes(torch.nn.Module):
+    """Wraps a model: records the systems and atoms of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, batch):
+        self.calls.append((batch.natoms.numel(), int(batch.natoms.sum())))
+        return self.model(batch)
+
+
+@pytest.fixture(scope="module")
+def stream_systems():
+    systems = [sized_slab(*spec) for spec in STREAM]
+    samples = [atoms_to_sample(atoms, cutoff=6.0, max_neighbors=50) for atoms in systems]
+    for sample in samples:
+        sample.pos, sample.cell = sample.pos.double(), sample.cell.double()
+    return systems, samples
+
+
+@pytest.mark.parametrize("memory", [50, 4])
+def test_stream_refills_within_budget_and_follows_each_system_alone(stream_systems, memory):
+    """A budget of 30 atoms: systems enter as others finish (mid-stream, with an empty
+    history), no call holds more than 30 atoms unless one system alone does (28 + 1 > 30: the
+    largest runs alone), and every system takes the very steps it takes alone (memory 4: the
+    history rings wrap)."""
+    systems, samples = stream_systems
+    model = Sizes(emt_model())
+    options = {"fmax": FMAX, "steps": 20, "memory": memory, "trajectory": True}
+    stream = RelaxStream(model, samples, **options, budget=30)
+    found = dict(stream)
+    assert sorted(found) == list(range(len(samples)))
+    sizes = [len(atoms) for atoms in systems]
+    assert sizes == [13, 9, 19, 9, 28, 13]
+    assert all(atoms <= 30 or count == 1 for count, atoms in model.calls)
+    assert (1, 28) in model.calls and stream.max_batch_cost == 28
+    assert len(model.calls) == stream.model_calls
+    # Refilled: some call holds a system that entered after the first call.
+    assert any(count >= 2 for count, _ in model.calls[1:]) and model.calls[0][0] == 2
+    steps = [found[i].steps for i in range(len(samples))]
+    assert len(set(steps)) > 2 and max(steps) == 20 and min(steps) < 20  # capped and converged
+    for i, atoms in enumerate(systems):
+        alone = relax_batch(emt_model(), float64_batch([atoms]), **options)
+        assert found[i].steps == int(alone.steps[0])
+        assert found[i].converged == bool(alone.converged[0])
+        np.testing.assert_allclose(
+            found[i].trajectory_pos.numpy(), alone.trajectory_pos[0].numpy(), rtol=0, atol=1e-8
+        )
+        assert float(found[i].energy) == pytest.approx(float(alone.energy[0]), abs=1e-10)
+
+
+def test_stream_of_edges_and_systems(stream_systems):
+    """Budgets on edges (each system's cost: its radius graph at the start) and on systems."""
+    systems, samples = stream_systems
+    costs = [system_cost(sample, "edges", 6.0, 50) for sample in samples]
+    edges = [
+        int(radius_graph_batch(s.pos, s.cell, s.pbc, s.natoms.reshape(1), 6.0, 50)[0].shape[1])
+        for s in samples
+    ]
+    assert costs == edges
+    model = Sizes(emt_model())
+    stream = RelaxStream(model, samples, fmax=FMAX, steps=3, budget=max(costs), budget_on="edges")
+    assert len(dict(stream)) == len(samples) and stream.max_batch_cost <= max(costs)
+    model = Sizes(emt_model())
+    assert len(dict(RelaxStream(model, samples, fmax=FMAX, steps=3, max_systems=4))) == 6
+    assert max(count for count, _ in model.calls) == 4
+    triplets = [system_cost(sample, "triplets", 6.0, 50, "dimenetpp") for sample in samples]
+    assert all(t > e for t, e in zip(triplets, edges, strict=True))
+
+
+def test_fmax_zero_takes_every_step(stream_systems):
+    """fmax 0 (OC20's IS2RS protocol): no early stop, every system takes exactly `steps`."""
+    _, samples = stream_systems
+    stream = RelaxStream(emt_model(), samples[:4], fmax=0.0, steps=6, budget=30)
+    found = dict(stream)
+    assert all(found[i].steps == 6 and not found[i].converged for i in range(4))
+
+
+def test_relaxations_build_the_graphs_of_the_checkpoints_convention():
+    """A converted OCP checkpoint records fairchem's graph convention; relaxations rebuild its
+    graphs that way (fixture's Cu(100) frame: 1,792 edges, 1,924 by graphpar's convention),
+    and the first model call of a stream sees those edges."""
+    from conftest import DATA
+
+    atoms = ase.io.read(DATA / "fairchem-checkpoints" / "structures.extxyz", index=1)
+    sample = atoms_to_sample(atoms, 6.0, 50)
+    # fairchem's cut depends on its float64 neighbour list (tests/test_convert.py): float64 here.
+    sample.pos, sample.cell = torch.from_numpy(atoms.positions), sample.cell.double()
+    edges = {
+        convention: system_cost(sample, "edges", 6.0, 50, convention=convention)
+        for convention in ("graphpar", "fairchem")
+    }
+    assert edges == {"graphpar": 1924, "fairchem": 1792}
+    seen = []
+
+    def model(batch):
+        seen.append(batch.edge_index.shape[1])
+        return {"energy": batch.pos.sum().reshape(1) * 0, "forces": torch.zeros_like(batch.pos)}
+
+    stream = RelaxStream(model, [sample], steps=1, graph_convention="fairchem", dtype=torch.float64)
+    assert len(list(stream)) == 1 and seen[0] == 1792

@@ -93,16 +93,19 @@ def single_process(is2re_split, checkpoint, tmp_path_factory):
     return read_outputs(out)
 
 
-@pytest.mark.parametrize("gp_size", [2, 1], ids=["G2xD1", "G1xD2"])
+@pytest.mark.parametrize(
+    ("gp_size", "batch"),
+    [(2, ("--batch-size", "0", "--budget", "40")), (1, ("--batch-size", "3"))],
+    ids=["G2xD1-budget", "G1xD2"],
+)
 def test_torchrun_relaxations_equal_one_process(
-    is2re_split, checkpoint, single_process, tmp_path, gp_size
+    is2re_split, checkpoint, single_process, tmp_path, gp_size, batch
 ):
     """Two torchrun ranks, as one graph-parallel group or as two data-parallel groups that
-    share the systems, relax every system as one process does."""
+    share the systems, relax every system as one process does; the graph-parallel ranks refill
+    their stream (a budget of 40 atoms) in lockstep."""
     result = run(
-        relax_command(
-            checkpoint, is2re_split, tmp_path, 2, "--gp-size", str(gp_size), "--batch-size", "3"
-        )
+        relax_command(checkpoint, is2re_split, tmp_path, 2, "--gp-size", str(gp_size), *batch)
     )
     assert f"G x D = {gp_size} x {2 // gp_size}" in result.stdout
     relaxed, metrics = read_outputs(tmp_path)

@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, run_snakemake, tool_env
 
 from graphpar.io import write_json
-from graphpar.report import FIGURES, TABLES, sources
+from graphpar.report import ALL_TABLES, FIGURES, TABLES, sources
 from graphpar.report.bundle import BundleError, export_bundle, import_bundle
 from graphpar.report.tables import build_table, write_table
 
@@ -326,6 +326,52 @@ def test_our_rows_average_the_metrics_files_beside_the_paper(tmp_path):
     assert diff["Force MAE (eV/Å)"] == f"{100 * (0.05 - 0.02896) / 0.02896:+.1f}%"
 
 
+def test_is2re_rows_say_relaxation_or_direct(tmp_path):
+    """IS2RE rows of a force model's relaxations (metrics files without `method` too) and of an
+    energy-only model's direct predictions say which, as the paper does (Table 3's Approach,
+    Table 6's "(Relax)"/"(Direct)"), and are compared with the paper's row of that approach."""
+    results = tmp_path / "results"
+    metrics = results / "exp" / "metrics"
+    _metrics(
+        metrics / "xl/is2re_val_id.json", "is2re", "val_id", "gemnet-xl", energy_mae=0.4, ewt=0.1
+    )
+    _metrics(
+        metrics / "xl-ft/is2re_val_id.json",
+        "is2re",
+        "val_id",
+        "gemnet-xl",
+        energy_mae=0.5,
+        ewt=0.05,
+        method="direct",
+    )
+    table = build_table("table3", results, PAPER)
+    rows = table.set_index("Model")
+    assert rows.loc["exp/xl (gemnet-xl)", "Approach"] == "Relaxation"
+    assert rows.loc["exp/xl-ft (gemnet-xl)", "Approach"] == "Direct"
+    assert rows.loc["rel. diff. vs paper GemNet-XL", "Energy MAE (eV)"] == (
+        f"{100 * (0.4 - 0.3712) / 0.3712:+.1f}%"
+    )
+    assert rows.loc["rel. diff. vs paper GemNet-XL-FT", "Energy MAE (eV)"] == (
+        f"{100 * (0.5 - 0.4623) / 0.4623:+.1f}%"
+    )
+    per_split = build_table("table6", results, PAPER)
+    ours = per_split[per_split["Source"] == "ours: val_id"]
+    assert ours["Model"].tolist() == [
+        "exp/xl (gemnet-xl) (Relax)",
+        "exp/xl-ft (gemnet-xl) (Direct)",
+    ]
+    diffs = per_split[per_split["Model"].str.startswith("rel. diff.")].set_index("Model")
+    assert diffs.loc["rel. diff. vs paper GemNet-XL-FT (Direct)", "Energy MAE (eV)"] == (
+        f"{100 * (0.5 - 0.4194) / 0.4194:+.1f}%"
+    )
+    assert diffs.loc["rel. diff. vs paper GemNet-XL (Relax)", "EwT (%)"] == (
+        f"{100 * (10 - 13.25) / 13.25:+.1f}%"
+    )
+    _metrics(metrics / "x/is2re_val_id.json", "is2re", "val_id", "gemnet-xl", method="guess")
+    with pytest.raises(ValueError, match="method 'guess' is not an IS2RE method"):
+        build_table("table3", results, PAPER)
+
+
 # ---- the tiny workflow's results, regenerated from cache ----------------------------------------
 
 
@@ -359,7 +405,7 @@ def regenerated(tiny_workflow, tmp_path_factory) -> Path:
         "report": 1,
         "report_config": 1,
         "report_figure": len(FIGURES),
-        "report_table": len(TABLES),
+        "report_table": len(ALL_TABLES),
     }
     ran = run_snakemake(workdir, *REGENERATE)
     assert set(job_stats(ran.stdout + ran.stderr)) == REPORT_RULES
@@ -369,7 +415,7 @@ def regenerated(tiny_workflow, tmp_path_factory) -> Path:
 
 
 def test_regeneration_from_cache_builds_every_table_and_figure(regenerated):
-    for table in TABLES:
+    for table in ALL_TABLES:
         for ext in ("md", "csv", "tex"):
             assert (regenerated / "results" / "tables" / f"{table}.{ext}").stat().st_size > 0
     for figure in FIGURES:

@@ -13,6 +13,7 @@ import torch
 import yaml
 from conftest import REPO, copy_test_workdir, run_snakemake
 
+from graphpar.data import oc20
 from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.training.checkpoint import load_trained, read_checkpoint
 
@@ -120,6 +121,8 @@ def test_tiny_run_evaluates_the_evaluated_splits(tiny_workflow):
             origin = metrics["provenance"]
             assert origin["model"] == f"{run}-tiny" and len(origin["checkpoint_sha256"]) == 64
             assert origin["versions"]["torch"].startswith("2.13.0")
+            log = tiny_workflow / "logs" / "evaluate_s2ef" / "tiny" / run / f"{split}.log"
+            assert "G x D = 2 x 1" in log.read_text()  # torchrun, config evaluate.gp_size: 2
             predictions = np.load(results / "predictions" / run / f"s2ef_{split}.npz")
             assert len(predictions["ids"]) == len(predictions["energy"]) == len(data)
             free = sum(int((~data[i].fixed.bool()).sum()) for i in range(len(data)))
@@ -244,7 +247,7 @@ TINY_SPLITS = "known: val_id, val_ood_ads, test_ood_cat, test_ood_both"
         ),
         pytest.param(
             lambda c: c.update(train={}, evaluate={"splits": ["val_id"]}),
-            "config evaluate.splits: val_id, but no run of config train has task s2ef",
+            "config evaluate.splits: val_id, but no run of config train evaluates them",
             id="nothing to evaluate",
         ),
         pytest.param(
@@ -323,9 +326,9 @@ def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, me
     assert not (tmp_path / "resources").exists()
 
 
-# Every torchrun and evaluation job of every paper config on a site of 8 GPUs per node:
-# (rule, run) -> (nodes, GPUs and torchrun processes per node). Evaluations use config evaluate's
-# defaults (G = D = 1); S2EF evaluation is one process on one GPU.
+# Every torchrun job (training, scaling, evaluation, relaxation) of every paper config on a site of
+# 8 GPUs per node: (rule, run) -> (nodes, GPUs and torchrun processes per node). Evaluations use
+# config evaluate's defaults (G = D = 1).
 PAPER_SHAPES = {
     "dimenetpp-xl.yaml": {
         ("train", "dimenetpp-xl"): (32, 8),  # G = 4 x D = 64
@@ -337,10 +340,18 @@ PAPER_SHAPES = {
         ("train", "gemnet-xl-ft"): (32, 8),
         ("evaluate_s2ef", "gemnet-xl"): (1, 1),
         ("relax", "gemnet-xl"): (1, 1),
+        ("evaluate_is2re", "gemnet-xl-ft"): (1, 1),  # energy only: direct IS2RE, no relaxation
     },
     "oc20-200k.yaml": {
         ("train", "dimenetpp"): (1, 2),  # G = 2
         ("evaluate_s2ef", "dimenetpp"): (1, 1),
+    },
+    # OCP's published checkpoints (no training): converted, then evaluated and relaxed on one
+    # GPU each (evaluate.gp_size x dp_size = 1 x 1).
+    "published.yaml": {
+        (rule, name): (1, 1)
+        for rule in ("evaluate_s2ef", "relax")
+        for name in ("gemnet-dt-all", "gemnet-dt-2m", "dimenetpp-large-all", "dimenetpp-20m-md")
     },
     "scaling.yaml": {
         ("scaling", "gemnet-125m-gp1"): (1, 1),
@@ -359,6 +370,11 @@ RENDEZVOUS = (
 )
 
 
+# gemnet-xl.yaml's evaluated S2EF splits: OC20's four val splits and its test splits.
+OC20_S2EF_EVALUATED = [
+    *("val_id", "val_ood_ads", "val_ood_cat", "val_ood_both"),
+    *oc20.CATALOGUE["s2ef_test"].splits,
+]
 PREEMPTIBLE = " --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=270"
 
 
@@ -373,8 +389,37 @@ def sbatch_line(job) -> str:
     return get_submit_command(job, params) + set_gres_string(job)
 
 
+def assert_torchrun_launch(job, name: str, nodes: int, per_node: int) -> None:
+    """`job`'s shell starts one torchrun agent per node, `per_node` processes each: one task per
+    node, a job step (what --signal reaches), on one node only inside a SLURM job (local runs
+    start torchrun directly)."""
+    what, command, resources = (
+        f"{name}: {job.rule.name} {job.wildcards.run}",
+        job.shellcmd,
+        job.resources,
+    )
+    sbatch = sbatch_line(job)
+    cpus = re.search(r"--cpus-per-task=(\d+) --kill", command)
+    assert cpus and 1 <= int(cpus[1]) <= job.threads, what  # within the job's
+    step = f"--ntasks={nodes} --cpus-per-task={cpus[1]} --kill-on-bad-exit=1 --label"
+    if nodes == 1:
+        assert resources["mpi"] == "" and "--ntasks" not in sbatch, what
+        launch = f" ${{SLURM_JOB_ID:+srun {step} }}torchrun --standalone"
+    else:
+        assert resources["mpi"] == "srun" and f" --ntasks={nodes} " in sbatch, what
+        launch = f"srun {step} torchrun --nnodes={nodes}"
+    launch += f" --nproc_per_node={per_node}"
+    launch += f" {RENDEZVOUS}" if nodes > 1 else ""
+    # Training passes SLURM's warning on to its processes and waits for their checkpoint
+    # (workflow/rules/common.smk, "Preemption").
+    launch += PREEMPTIBLE if job.rule.name == "train" else ""
+    if job.rule.name == "train":  # resubmissions: GemNet-XL's gpu_days, else 1
+        assert job.rule.restart_times == (4 if name == "gemnet-xl.yaml" else 1), what
+    assert command.count("torchrun") == 1 and f"{launch} -m " in command, what
+
+
 def test_every_paper_run_is_shaped_for_a_site_of_8_gpus_per_node(tmp_path):
-    """The SLURM submission of every training, scaling, S2EF evaluation and relaxation job of
+    """The SLURM submission of every training, scaling, evaluation and relaxation job of
     every config/paper/*.yaml with `site: {gpus_per_node: 8}` from a site profile (which hands
     it over as the string "8"), rendered without submitting: nodes, one task per node, GPUs per
     node, CPUs, and one torchrun agent per node with G x D / nodes processes."""
@@ -385,52 +430,59 @@ def test_every_paper_run_is_shaped_for_a_site_of_8_gpus_per_node(tmp_path):
         jobs = dry_run(tmp_path, REPO / "config/paper" / name, site, True, targets)
         shapes = {}
         for job in jobs:
-            if job.rule.name not in ("train", "scaling", "evaluate_s2ef", "relax"):
+            if job.rule.name not in (
+                "train",
+                "scaling",
+                "evaluate_s2ef",
+                "evaluate_is2re",
+                "relax",
+            ):
                 continue
             key = (job.rule.name, job.wildcards.run)
             what = f"{name}: {key}"
-            resources, command, sbatch = job.resources, job.shellcmd, sbatch_line(job)
+            resources, sbatch = job.resources, sbatch_line(job)
             nodes, per_node = resources["nodes"], int(resources["gres"].removeprefix("gpu:"))
             shapes.setdefault(key, set()).add((nodes, per_node))
             assert resources["tasks"] == nodes and resources["tasks_per_gpu"] == 0, what
             assert f" --nodes={nodes} " in sbatch and f" --gres=gpu:{per_node}" in sbatch, what
             assert f" --cpus-per-task={job.threads} " in sbatch, what
             assert "--ntasks-per-gpu" not in sbatch, what
-            if job.rule.name == "evaluate_s2ef":
-                assert "--ntasks" not in sbatch and "torchrun" not in command, what
-                assert " python -m graphpar.evaluate s2ef " in f" {command}", what
-            else:
-                # One task per node, a job step (what --signal reaches): on one node only
-                # inside a SLURM job (local runs start torchrun directly).
-                cpus = re.search(r"--cpus-per-task=(\d+) --kill", command)
-                assert cpus and 1 <= int(cpus[1]) <= job.threads, what  # within the job's
-                step = f"--ntasks={nodes} --cpus-per-task={cpus[1]} --kill-on-bad-exit=1 --label"
-                if nodes == 1:
-                    assert resources["mpi"] == "" and "--ntasks" not in sbatch, what
-                    launch = f" ${{SLURM_JOB_ID:+srun {step} }}torchrun --standalone"
-                else:
-                    assert resources["mpi"] == "srun" and f" --ntasks={nodes} " in sbatch, what
-                    launch = f"srun {step} torchrun --nnodes={nodes}"
-                launch += f" --nproc_per_node={per_node}"
-                launch += f" {RENDEZVOUS}" if nodes > 1 else ""
-                # Training passes SLURM's warning on to its processes and waits for their
-                # checkpoint (workflow/rules/common.smk, "Preemption").
-                launch += PREEMPTIBLE if job.rule.name == "train" else ""
-                if job.rule.name == "train":  # resubmissions: GemNet-XL's gpu_days, else 1
-                    assert job.rule.restart_times == (4 if name == "gemnet-xl.yaml" else 1), what
-                assert command.count("torchrun") == 1 and f"{launch} -m " in command, what
+            assert_torchrun_launch(job, name, nodes, per_node)
         assert shapes == {key: {shape} for key, shape in expected.items()}, name
-    gemnet_xl = dry_run(
-        tmp_path, REPO / "config/paper/gemnet-xl.yaml", {"site": {"gpus_per_node": 8}}, True
-    )
+    # With evaluations of G x D = 4 x 4 processes: 2 nodes of 8 (the overrides are merged).
+    overrides = {"site": {"gpus_per_node": 8}, "evaluate": {"gp_size": 4, "dp_size": 4}}
+    gemnet_xl = dry_run(tmp_path, REPO / "config/paper/gemnet-xl.yaml", overrides, True)
     train = next(j for j in gemnet_xl if j.rule.name == "train")
     assert " --nodes=32 --ntasks=32 --cpus-per-task=72 " in sbatch_line(train)  # 8 x (1 + 8)
     # 1,962 GPU-days on 256 GPUs in jobs of site.job_hours = 48: 4 jobs, so 3 resubmissions
     # and a spare; each asks for the site's time limit.
     assert train.rule.restart_times == 4 and train.resources["runtime"] == 48 * 60
-    # Its S2EF evaluation takes the validation batch of one GPU: 128 / D = 2 systems.
-    evaluation = next(j for j in gemnet_xl if j.rule.name == "evaluate_s2ef")
-    assert " --batch-size 2 " in evaluation.shellcmd
+    # Its S2EF evaluation takes the validation batch of one GPU: 128 / D = 2 systems, per
+    # data-parallel group; GemNet-XL-FT (energy only) is evaluated directly on every IS2RE val
+    # and test split, and never relaxed.
+    evaluations = [j for j in gemnet_xl if j.rule.name.startswith(("evaluate", "relax"))]
+    is2re = [s for s in oc20.CATALOGUE["is2re"].splits if s.startswith(("val_", "test_"))]
+    assert len(is2re) == 8
+    for rule, run, splits in [
+        ("evaluate_s2ef", "gemnet-xl", OC20_S2EF_EVALUATED),
+        ("relax", "gemnet-xl", is2re),
+        ("evaluate_is2re", "gemnet-xl-ft", is2re),
+    ]:
+        jobs = [j for j in evaluations if j.rule.name == rule]
+        assert {j.wildcards.run for j in jobs} == {run}, rule
+        assert sorted(j.wildcards.split for j in jobs) == sorted(splits), rule
+        for job in jobs:
+            assert job.resources["nodes"] == 2 and job.resources["gres"] == "gpu:8", rule
+            assert_torchrun_launch(job, "gemnet-xl.yaml", 2, 8)
+            assert " --gp-size 4 " in job.shellcmd, rule
+            if rule != "relax":
+                assert " --batch-size 2 " in job.shellcmd, rule
+    direct = next(j for j in evaluations if j.rule.name == "evaluate_is2re")
+    assert " -m graphpar.evaluate is2re --gp-size 4 " in direct.shellcmd
+    assert direct.output == [
+        f"results/gemnet-xl/metrics/gemnet-xl-ft/is2re_{direct.wildcards.split}.json",
+        f"results/gemnet-xl/predictions/gemnet-xl-ft/is2re_{direct.wildcards.split}.npz",
+    ]
     # The profile asks SLURM for the warning (its set-resources apply on a real submission).
     profile = yaml.safe_load((REPO / "workflow/profiles/slurm/config.yaml").read_text())
     assert profile["set-resources"]["train"]["slurm_extra"] == "'--signal=USR1@300'"

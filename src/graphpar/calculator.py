@@ -10,9 +10,11 @@ raw forces on every atom; FixAtoms and other constraints are applied by ASE as u
 (`atoms.get_forces()` zeroes fixed atoms, `get_forces(apply_constraint=False)` does not).
 
 Each call builds the graph the way the training graphs were built (the checkpoint's `graph`
-settings: cutoff and max neighbours), from the structure's float32 positions as preprocessing
-does, while the model sees the positions and cell in its own dtype (float64 checkpoints get the
-exact ASE positions, so forces match finite differences of the energy).
+settings: cutoff, max neighbours and graph convention, `graph_settings` and `graph_convention`;
+"fairchem" for checkpoints converted from OCP's, `graphpar.convert`), from the structure's
+float32 positions as preprocessing does, while the model sees the positions and cell in its own
+dtype (float64 checkpoints get the exact ASE positions, so forces match finite differences of the
+energy).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
 from graphpar.data.dataset import collate
-from graphpar.data.graph import atoms_to_sample
+from graphpar.data.graph import atoms_to_sample, check_graph_convention
 
-__all__ = ["DEFAULT_MAX_NEIGHBORS", "GraphparCalculator", "graph_settings"]
+__all__ = ["DEFAULT_MAX_NEIGHBORS", "GraphparCalculator", "graph_convention", "graph_settings"]
 
 DEFAULT_MAX_NEIGHBORS = 50
 
@@ -46,6 +48,13 @@ def graph_settings(graph: Mapping | None, model: torch.nn.Module) -> tuple[float
     return float(graph["cutoff"]), None if max_neighbors is None else int(max_neighbors)
 
 
+def graph_convention(graph: Mapping | None) -> str:
+    """How a checkpoint's graphs cap neighbours (`graphpar.data.graph.GRAPH_CONVENTIONS`), from
+    its `graph` entry: what relaxations and this calculator pass to the radius graph as
+    `convention`. Checkpoints from before it was recorded used "graphpar"."""
+    return (graph or {}).get("graph_convention") or "graphpar"
+
+
 def _model_cutoff(model: torch.nn.Module) -> float:
     inner = getattr(model, "model", model)  # training.normalization.Normalized wraps the network
     cutoff = getattr(inner, "cutoff", None)
@@ -60,8 +69,8 @@ class GraphparCalculator(Calculator):
 
     `GraphparCalculator(checkpoint, device)` loads a checkpoint (its EMA weights if any) with
     `graphpar.training.checkpoint.load_trained`;
-    `GraphparCalculator.from_model(model, cutoff, max_neighbors)` wraps a model already in
-    memory (`model(batch) -> {"energy", "forces"}` in eV, eV/A).
+    `GraphparCalculator.from_model(model, cutoff, max_neighbors, graph_convention)` wraps a
+    model already in memory (`model(batch) -> {"energy", "forces"}` in eV, eV/A).
     """
 
     implemented_properties = ["energy", "free_energy", "forces"]
@@ -75,7 +84,8 @@ class GraphparCalculator(Calculator):
         model = trained_model(state, device)
         cutoff, max_neighbors = graph_settings(state.get("graph"), model)
         self.checkpoint = str(checkpoint)
-        self._setup(model, cutoff, max_neighbors, **kwargs)
+        convention = graph_convention(state.get("graph"))
+        self._setup(model, cutoff, max_neighbors, convention, **kwargs)
 
     @classmethod
     def from_model(
@@ -83,6 +93,7 @@ class GraphparCalculator(Calculator):
         model: torch.nn.Module,
         cutoff: float | None = None,
         max_neighbors: int | None = DEFAULT_MAX_NEIGHBORS,
+        graph_convention: str = "graphpar",
         **kwargs: Any,
     ) -> GraphparCalculator:
         """A calculator around an in-memory model (put in eval mode; cutoff None: the model's).
@@ -92,16 +103,23 @@ class GraphparCalculator(Calculator):
         calc = cls.__new__(cls)
         calc.checkpoint = None
         cutoff = _model_cutoff(model) if cutoff is None else float(cutoff)
-        calc._setup(model.eval(), cutoff, max_neighbors, **kwargs)
+        calc._setup(model.eval(), cutoff, max_neighbors, graph_convention, **kwargs)
         return calc
 
     def _setup(
-        self, model: torch.nn.Module, cutoff: float, max_neighbors: int | None, **kwargs: Any
+        self,
+        model: torch.nn.Module,
+        cutoff: float,
+        max_neighbors: int | None,
+        convention: str,
+        **kwargs: Any,
     ) -> None:
+        check_graph_convention(convention)
         Calculator.__init__(self, **kwargs)
         self.model = model
         self.cutoff = cutoff
         self.max_neighbors = max_neighbors
+        self.graph_convention = convention
         parameter = next(iter(model.parameters()), None)
         self.dtype = parameter.dtype if parameter is not None else torch.float32
         self.device = parameter.device if parameter is not None else torch.device("cpu")
@@ -118,7 +136,13 @@ class GraphparCalculator(Calculator):
         super().calculate(atoms, properties or ["energy"], system_changes)
         atoms = self.atoms
         # Triplets are left to the model, which builds the family it needs.
-        sample = atoms_to_sample(atoms, self.cutoff, self.max_neighbors, triplets=False)
+        sample = atoms_to_sample(
+            atoms,
+            self.cutoff,
+            self.max_neighbors,
+            triplets=False,
+            convention=self.graph_convention,
+        )
         batch = collate([sample]).to(self.device)
         # The graph comes from float32 positions (as preprocessing); the model sees exact ones.
         batch.pos = torch.as_tensor(

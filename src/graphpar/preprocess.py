@@ -22,6 +22,12 @@ Inputs, recognised by their contents:
   through the restricted unpickler of `graphpar.data.lmdb`: initial and relaxed positions and
   energies are kept (`pos_relaxed`, `energy_init`, `energy_relaxed`, eV).
 
+Graphs keep `--max-neighbors` sources per target the graphpar way (plus the sources tied with the
+last one within 0.01 A) unless `--graph-convention fairchem` asks for fairchem's (`AtomsToGraphs`,
+the graphs of OCP's published checkpoints: `graphpar.data.graph.GRAPH_CONVENTIONS`); the choice is
+recorded in metadata.json (`graph_convention`) next to the cutoff and max_neighbors, and evaluation
+refuses a checkpoint trained on (or converted from) graphs of the other convention.
+
 Triplet indices are stored when `--store-triplets always`, or `auto` and their estimated size is
 within `--triplet-budget-gb`; otherwise only their counts are, and DataLoader workers build them
 from the stored edges (docs/architecture.md section 4).
@@ -46,6 +52,7 @@ from ase.io.extxyz import XYZError
 from tqdm import tqdm
 
 from graphpar.data.graph import (
+    GRAPH_CONVENTIONS,
     TRIPLET_FIELDS,
     StructureError,
     atoms_to_sample,
@@ -99,6 +106,7 @@ class Options:
     max_neighbors: int | None = 50
     ref_energy: bool = False
     store_triplets: bool = True
+    graph_convention: str = "graphpar"  # graphpar.data.graph.GRAPH_CONVENTIONS
 
 
 def natural_key(path: Path) -> list:
@@ -183,6 +191,7 @@ def build_sample(atoms, labels: dict, options: Options) -> tuple[dict, dict]:
         cutoff=options.cutoff,
         max_neighbors=options.max_neighbors,
         triplets=options.store_triplets,
+        convention=options.graph_convention,
     )
     fields = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in sample}
     reference = labels.pop("reference_energy", None)
@@ -393,6 +402,7 @@ def preprocess(
     ref_energy: bool = False,
     store_triplets: str = "auto",
     triplet_budget_gb: float = 0.5,
+    graph_convention: str = "graphpar",
     progress: bool = True,
 ) -> dict:
     """Preprocess `source` (S2EF directory or pickled-PyG LMDB) into the shard directory `out`.
@@ -409,13 +419,20 @@ def preprocess(
         raise PreprocessError(
             f"store_triplets must be auto, always or never, not {store_triplets!r}"
         )
-    options = Options(cutoff, max_neighbors, ref_energy, store_triplets != "never")
+    if graph_convention not in GRAPH_CONVENTIONS:
+        raise PreprocessError(
+            f"graph_convention must be one of {', '.join(GRAPH_CONVENTIONS)}, "
+            f"not {graph_convention!r}"
+        )
+    options = Options(
+        cutoff, max_neighbors, ref_energy, store_triplets != "never", graph_convention
+    )
     try:
         input_format, work, total = plan(source, workers)
         if store_triplets == "auto" and total:
             estimate = total * triplet_bytes(input_format, work, options)
             fits = estimate <= triplet_budget_gb * 2**30
-            options = Options(cutoff, max_neighbors, ref_energy, fits)
+            options = Options(cutoff, max_neighbors, ref_energy, fits, graph_convention)
     except INPUT_ERRORS as error:
         raise PreprocessError(str(error)) from error
 
@@ -451,6 +468,7 @@ def preprocess(
             "input_format": input_format,
             "cutoff": cutoff,
             "max_neighbors": max_neighbors,
+            "graph_convention": graph_convention,
             "ref_energy": ref_energy,
             "energy_reference": energy_reference(input_format, work, ref_energy),
             "triplets_stored": options.store_triplets,
@@ -483,6 +501,13 @@ def main(argv: list[str] | None = None) -> None:
         help="store triplet indices (auto: when within --triplet-budget-gb)",
     )
     parser.add_argument("--triplet-budget-gb", type=float, default=0.5, help="default 0.5")
+    parser.add_argument(
+        "--graph-convention",
+        choices=GRAPH_CONVENTIONS,
+        default="graphpar",
+        help="how --max-neighbors caps a target: graphpar (the nearest plus the shell tied within "
+        "0.01 A) or fairchem (fairchem's AtomsToGraphs, for OCP's published checkpoints)",
+    )
     args = parser.parse_args(argv)
     try:
         metadata = preprocess(
@@ -494,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
             ref_energy=args.ref_energy,
             store_triplets=args.store_triplets,
             triplet_budget_gb=args.triplet_budget_gb,
+            graph_convention=args.graph_convention,
         )
     except PreprocessError as error:
         sys.exit(f"error: {error}")

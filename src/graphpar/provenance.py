@@ -80,8 +80,10 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
 def checkpoint_provenance(checkpoint: Path, state: dict, data: Path) -> dict:
     """Where a metrics file's numbers come from: the checkpoint (`state`: its contents, already
     read) and its config hash, the preprocessed dataset `data` (its metadata's sha256 and its
-    content identity, `graphpar.data.lmdb.dataset_identity`), this checkout and its packages."""
-    return {
+    content identity, `graphpar.data.lmdb.dataset_identity`), this checkout and its packages;
+    for a converted published checkpoint (graphpar.convert) also its `source`: the original
+    file, its sha256 and, from the workflow, its URL and published numbers (`publication`)."""
+    found = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
         "config_hash": state["config_hash"],
@@ -93,3 +95,6 @@ def checkpoint_provenance(checkpoint: Path, state: dict, data: Path) -> dict:
         "git_commit": git_commit(),
         "versions": package_versions(),
     }
+    if state.get("source") is not None:
+        found["source"] = state["source"]
+    return found

@@ -114,7 +114,10 @@ def is2re_splits():
     """IS2RE/IS2RS splits of the configured dataset, as RAW/is2re/<split>/data.lmdb."""
     if DATASET == "mini":
         return mini_splits()
-    return list(oc20.CATALOGUE["is2re"].splits) if OC20["is2re"] else []
+    if not OC20["is2re"]:
+        return []
+    splits = oc20.CATALOGUE["is2re"].splits
+    return [s for s in splits if OC20["is2re_train"] or not s.startswith("train")]
 
 
 def raw_s2ef(split):
@@ -210,6 +213,10 @@ def train_config(run):
 
 
 TRAIN = {run: train_config(run) for run in config["train"]}  # every run checked at startup
+# Published checkpoints (section "published checkpoints" below), evaluated as force runs.
+PUBLISHED = config["published"]
+for _name in set(PUBLISHED) & set(TRAIN):
+    raise ValueError(f"config published.{_name}: a train run has this name too; rename one")
 
 
 def gpu_days(run):
@@ -266,7 +273,8 @@ def s2ef_metrics(run, split):
 
 
 def relax_splits():
-    """IS2RE/IS2RS splits every force model relaxes (hidden labels: predictions only)."""
+    """IS2RE/IS2RS splits every force model relaxes and every energy-only model evaluates
+    directly (hidden labels: predictions only)."""
     return evaluated(is2re_splits())
 
 
@@ -274,12 +282,45 @@ def relax_metrics(run, split):
     return [f"{RESULTS}/metrics/{run}/{task}_{split}.json" for task in ("is2rs", "is2re")]
 
 
+def run_task(run):
+    """A trained or published run's task: s2ef (a force model) or is2re (energy only)."""
+    return "s2ef" if run in PUBLISHED else TRAIN[run]["task"]
+
+
+def run_device(run):
+    """The device a run's evaluation asks for (a published checkpoint's: auto)."""
+    return "auto" if run in PUBLISHED else TRAIN[run]["device"]
+
+
+def runs_of_task(task):
+    """Training runs and published checkpoints of `task`: s2ef (force models: S2EF evaluation
+    and relaxations) or is2re (energy-only models: direct IS2RE evaluation)."""
+    return [run for run in [*TRAIN, *PUBLISHED] if run_task(run) == task]
+
+
+def direct_is2re_metrics(run, split):
+    """An energy-only run's IS2RE metrics (`"method": "direct"`): the path of a force run's
+    relaxation metrics, and the relax rule never runs for energy-only runs (evaluate.smk)."""
+    return f"{RESULTS}/metrics/{run}/is2re_{split}.json"
+
+
+def evaluation_batch(run):
+    """A run's S2EF or direct IS2RE evaluation batch: its validation batch per data-parallel
+    group in training (what one GPU held), for each data-parallel group of the evaluation; a
+    published checkpoint's `batch_size`."""
+    if run in PUBLISHED:
+        return PUBLISHED[run].get("batch_size", 8)
+    return val_batch_per_group(TRAIN[run], TRAIN[run]["dp_size"] or 1)
+
+
 def evaluate_targets():
-    force_runs = [run for run, run_config in TRAIN.items() if run_config["task"] == "s2ef"]
+    force_runs = runs_of_task("s2ef")
     targets = [s2ef_metrics(run, split) for run in force_runs for split in s2ef_eval_splits()]
     for run in force_runs:
         for split in relax_splits():
             targets += relax_metrics(run, split)
+    for run in runs_of_task("is2re"):
+        targets += [direct_is2re_metrics(run, split) for split in relax_splits()]
     return targets
 
 
@@ -298,10 +339,13 @@ def check_evaluate_splits():
             f"config evaluate.splits: {names} {what} of the {DATASET} dataset "
             f"(known: {', '.join(known) or 'none'})"
         )
-    if not any(run_config["task"] == "s2ef" for run_config in TRAIN.values()):
+    # Force runs evaluate every split; energy-only runs (task is2re) the IS2RE ones.
+    if not runs_of_task("s2ef") and not (
+        runs_of_task("is2re") and any(split in is2re_splits() for split in chosen)
+    ):
         raise ValueError(
-            f"config evaluate.splits: {', '.join(chosen)}, but no run of config train has "
-            "task s2ef: nothing to evaluate them with"
+            f"config evaluate.splits: {', '.join(chosen)}, but no run of config train evaluates "
+            "them (task s2ef: S2EF and IS2RE splits; task is2re: IS2RE splits)"
         )
 
 
@@ -309,7 +353,8 @@ check_evaluate_splits()
 
 
 def all_targets():
-    return data_targets() + preprocess_targets() + train_targets() + evaluate_targets()
+    targets = data_targets() + preprocess_targets() + train_targets() + evaluate_targets()
+    return targets + submission_targets()
 
 
 # ---- OC20 archives ---------------------------------------------------------------------------
@@ -344,8 +389,8 @@ def unless_kept(path):
 
 
 # ---- cluster ----------------------------------------------------------------------------------
-# How a torchrun job (training, scaling, relaxation) is shaped for a scheduler: SLURM through
-# workflow/profiles/slurm; shapes in config/README.md ("Cluster execution"). A job of G x D
+# How a torchrun job (training, scaling, evaluation, relaxation) is shaped for a scheduler: SLURM
+# through workflow/profiles/slurm; shapes in config/README.md ("Cluster execution"). A job of G x D
 # processes (one GPU each) spans nodes = G x D / site.gpus_per_node, the site's GPUs per node
 # (null: any job on one node). One node: one task running `torchrun --standalone`. Several nodes:
 # one task per node, started by `srun` through the SLURM plugin's MPI path, each a torchrun agent;
@@ -495,7 +540,7 @@ def train_jobs(run):
     return math.ceil(days * 24 / TRAIN_SHAPES[run]["processes"] / JOB_HOURS)
 
 
-# Every job's shape, checked at startup. S2EF evaluation is one process (one GPU) for now.
+# Every job's shape, checked at startup.
 TRAIN_SHAPES = {run: run_shape(f"train.{run}", run_config) for run, run_config in TRAIN.items()}
 # The train rule's resubmissions (one number for the rule: Snakemake takes no per-job value):
 # the longest run's jobs - 1 to finish, plus one spare for a node failure. Inside a cluster job
@@ -505,11 +550,21 @@ TRAIN_RETRIES = 0 if workflow.remote_exec else max(map(train_jobs, TRAIN), defau
 RELAX_SHAPE = launch_shape(
     "evaluate (relaxations)", config["evaluate"]["gp_size"], config["evaluate"]["dp_size"]
 )
+# S2EF and direct IS2RE evaluation (evaluate.smk): the same G x D (evaluate.gp_size x
+# evaluate.dp_size), each data-parallel group a shard of the split.
+EVALUATE_SHAPE = launch_shape(
+    "evaluate (S2EF, direct IS2RE)", config["evaluate"]["gp_size"], config["evaluate"]["dp_size"]
+)
 
 
-def evaluate_s2ef_gres(run):
-    """S2EF evaluation of a run: one process, one GPU unless the run is pinned to the CPU."""
-    return gres(launch_shape(f"train.{run} (S2EF evaluation)", 1, 1, TRAIN[run]["device"]))
+def evaluate_gres(run):
+    """S2EF or direct IS2RE evaluation of a run: EVALUATE_SHAPE's GPUs per node, none when the
+    run is pinned to the CPU."""
+    evaluation = config["evaluate"]
+    shape = launch_shape(
+        EVALUATE_SHAPE["name"], evaluation["gp_size"], evaluation["dp_size"], run_device(run)
+    )
+    return gres(shape)
 
 
 # The scaling study (config/paper/scaling.yaml): throughput runs, validated like training runs.
@@ -559,7 +614,7 @@ def scaling_targets():
 # A folder's mtime changes whenever a file in it is replaced (every result is written by an
 # atomic rename), so the report still reruns when a result changes.
 
-from graphpar.report import FIGURES, TABLES, sources  # noqa: E402
+from graphpar.report import ALL_TABLES, FIGURES, PUBLISHED_TABLE, sources  # noqa: E402
 
 # The published numbers and the committed benchmarks travel with the code, not the working
 # directory (a run in another directory, e.g. the tests', plots the checkout's benchmarks).
@@ -598,6 +653,11 @@ def figure_data(figure):
 
 
 def report_table_inputs(wildcards):
+    if wildcards.table == PUBLISHED_TABLE:  # ours only: no published table of the paper
+        return {
+            "metrics": folders(sources.metrics_files(Path("results"), "s2ef")),
+            "code": [f"{REPORT_CODE}/tables.py", f"{REPORT_CODE}/sources.py"],
+        }
     task = sources.paper_meta(PAPER)[wildcards.table]["task"]
     return {
         "metrics": folders(sources.metrics_files(Path("results"), task)),
@@ -619,7 +679,7 @@ def report_config_path():
 
 def report_targets():
     """Every table (md, csv, tex), every figure (png, pdf, csv) and the config used."""
-    tables = [f"results/tables/{t}.{ext}" for t in TABLES for ext in ("md", "csv", "tex")]
+    tables = [f"results/tables/{t}.{ext}" for t in ALL_TABLES for ext in ("md", "csv", "tex")]
     figures = [f"results/figures/{f}.{ext}" for f in FIGURES for ext in ("png", "pdf", "csv")]
     return tables + figures + [report_config_path()]
 
@@ -653,3 +713,66 @@ def scale_factor_inputs(run):
     """The fitted scale-factor file of a run, as a train input (a named file is checked by the
     trainer when it starts: relative to the working directory, like the config's other paths)."""
     return [scale_factor_file(run)] if run in FIT_SCALE_FACTORS else []
+
+
+# ---- submission -------------------------------------------------------------------------------
+# OC20 leaderboard files (graphpar.submission): per run, one npz per task over the test splits
+# that were evaluated: S2EF (force runs), IS2RS and IS2RE from relaxations (force runs), IS2RE
+# direct (energy-only runs, task is2re).
+
+
+def submission_tasks(run):
+    """{task: the test splits whose predictions go into the run's submission file}."""
+    if run_task(run) == "is2re":
+        tasks = {"is2re": relax_splits()}
+    else:
+        tasks = {"s2ef": s2ef_eval_splits(), "is2rs": relax_splits(), "is2re": relax_splits()}
+    tests = {task: [s for s in splits if s.startswith("test_")] for task, splits in tasks.items()}
+    return {task: splits for task, splits in tests.items() if splits}
+
+
+def submission_inputs(wildcards):
+    splits = submission_tasks(wildcards.run).get(wildcards.task, [])
+    return [f"{RESULTS}/predictions/{wildcards.run}/{wildcards.task}_{s}.npz" for s in splits]
+
+
+def submission_outputs(run):
+    folder = f"{RESULTS}/submissions/{run}"
+    return [f"{folder}/{task}.{ext}" for task in submission_tasks(run) for ext in ("npz", "json")]
+
+
+def submission_targets():
+    return [path for run in [*TRAIN, *PUBLISHED] for path in submission_outputs(run)]
+
+
+# ---- published checkpoints --------------------------------------------------------------------
+# Checkpoints OCP published (config `published`, e.g. config/paper/published.yaml): downloaded
+# (data.smk, download_checkpoint), converted (convert.smk) to the path a trained run's final.pt
+# has, then evaluated, relaxed and submitted as force runs (task s2ef) are.
+
+
+def published_download(name):
+    return f"resources/checkpoints/{name}.pt"
+
+
+def published_size_option(name):
+    size = PUBLISHED[name].get("size")
+    return f"--size {size}" if size else ""
+
+
+def convert_options(name):
+    """`python -m graphpar.convert` options of a published checkpoint."""
+    entry = PUBLISHED[name]
+    options = []
+    if entry.get("scale_factors"):
+        options.append(f"--scale-factors {entry['scale_factors']}")
+    if entry.get("detached_angles") is False:
+        options.append("--full-gradient-forces")
+    return " ".join(options)
+
+
+def published_record(name):
+    """What the converted checkpoint records of its publication (URL, published numbers):
+    every metrics file's provenance carries it to the report's `published` table."""
+    entry = PUBLISHED[name]
+    return json.dumps({"name": name, "url": entry["url"], "published": entry["published"]})

@@ -100,3 +100,25 @@ rule extract_oc20_is2re:
     shell:
         "python -m graphpar.data.oc20 extract is2re --archive {input} --root resources/oc20"
         " > {log} 2>&1"
+
+
+rule download_checkpoint:
+    output:
+        "resources/checkpoints/{name}.pt",
+    log:
+        "logs/download_checkpoint/{name}.log",
+    wildcard_constraints:
+        name="|".join(map(re.escape, PUBLISHED)) or "(?!)",
+    conda:
+        "../../envs/data.yaml"
+    threads: 1
+    resources:
+        downloads=1,
+        runtime=60,
+    params:
+        url=lambda wildcards: PUBLISHED[wildcards.name]["url"],
+        size=lambda wildcards: published_size_option(wildcards.name),
+        retries=OC20["retries"],
+    shell:
+        "python -m graphpar.data.oc20 download-checkpoint --url {params.url:q} --out {output}"
+        " {params.size} --retries {params.retries} > {log} 2>&1"

@@ -19,9 +19,10 @@ rule preprocess_s2ef:
         runtime=24 * 60,
     params:
         options=preprocess_options(ref_energy=PREPROCESS["ref_energy"]),
+        convention=PREPROCESS["graph_convention"],
     shell:
         "python -m graphpar.preprocess --input {input} --out {output} --workers {threads}"
-        " {params.options} > {log} 2>&1"
+        " {params.options} --graph-convention {params.convention} > {log} 2>&1"
 
 
 rule preprocess_is2re:
@@ -42,6 +43,7 @@ rule preprocess_is2re:
     params:
         # IS2RE LMDBs already hold adsorption energies: no reference to subtract.
         options=preprocess_options(ref_energy=False),
+        convention=PREPROCESS["graph_convention"],
     shell:
         "python -m graphpar.preprocess --input {input} --out {output} --workers {threads}"
-        " {params.options} > {log} 2>&1"
+        " {params.options} --graph-convention {params.convention} > {log} 2>&1"

@@ -1,9 +1,11 @@
 # ML relaxations (IS2RS/IS2RE): every force model relaxes every val and test IS2RE split with
-# batched L-BFGS; relaxed structures under results/<experiment>/relaxations/<run>/<split>/
-# (resumed when a job is restarted), IS2RS and IS2RE metrics (FbT/AFbT from the oracle
-# calculator) and OC20 submission-format predictions. torchrun starts G x D processes
-# (config evaluate.gp_size, evaluate.dp_size; 1 by default), shaped like a training job
-# (common.smk, "cluster": on G x D / site.gpus_per_node nodes when larger than one).
+# batched L-BFGS (a stream: batches refilled as systems finish; config evaluate.relax_steps and
+# evaluate.relax_fmax, 0 for OC20's fixed-step IS2RS protocol); relaxed structures under
+# results/<experiment>/relaxations/<run>/<split>/ (resumed when a job is restarted), IS2RS and
+# IS2RE metrics (FbT/AFbT from the oracle calculator) and OC20 submission-format predictions.
+# torchrun starts G x D processes (config evaluate.gp_size, evaluate.dp_size; 1 by default),
+# shaped like a training job (common.smk, "cluster": on G x D / site.gpus_per_node nodes when
+# larger than one).
 
 
 rule relax:
@@ -19,7 +21,7 @@ rule relax:
     log:
         f"logs/relax/{EXPERIMENT}/{{run}}/{{split}}.log",
     wildcard_constraints:
-        run="|".join(map(re.escape, TRAIN)) or "(?!)",
+        run="|".join(map(re.escape, runs_of_task("s2ef"))) or "(?!)",
         split="|".join(relax_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
@@ -43,10 +45,12 @@ rule relax:
         requires_slurm=requires_slurm(RELAX_SHAPE),
         gp_size=config["evaluate"]["gp_size"],
         steps=config["evaluate"]["relax_steps"],
+        fmax=config["evaluate"]["relax_fmax"],
     shell:
         "{params.requires_slurm}{resources.mpi} {params.srun}torchrun {params.torchrun}"
         " -m graphpar.relax"
         " --gp-size {params.gp_size} --checkpoint {input.checkpoint} --data {input.data}"
         " --split {wildcards.split} --out-dir {params.out_dir}"
         " --metrics-dir {params.metrics_dir} --predictions-dir {params.predictions_dir}"
-        " --oracle {params.oracle:q} --steps {params.steps} > {log} 2>&1"
+        " --oracle {params.oracle:q} --steps {params.steps} --fmax {params.fmax}"
+        " > {log} 2>&1"

@@ -34,7 +34,7 @@ rule report_table:
     log:
         "logs/report/table/{table}.log",
     wildcard_constraints:
-        table="|".join(TABLES),
+        table="|".join(ALL_TABLES),
     conda:
         "../../envs/data.yaml"
     threads: 1

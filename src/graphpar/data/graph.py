@@ -12,7 +12,10 @@ Conventions (docs/architecture.md section 4):
 * Edges are sorted by target, then distance; exact ties keep the order (image, source) in which
   candidates are enumerated, with images in lexicographic order of their offsets.
 * With `max_neighbors = k` each target keeps its k nearest sources plus every further source
-  within `tolerance` of the k-th distance, so a symmetric shell is never cut arbitrarily.
+  within `tolerance` of the k-th distance, so a symmetric shell is never cut arbitrarily
+  (convention "graphpar", the default). Convention "fairchem" builds the graphs of OCP/fairchem's
+  LMDBs (`AtomsToGraphs(radius, max_neigh)`, the data of the published checkpoints) instead:
+  see `GRAPH_CONVENTIONS`.
 * DimeNet++ triplets k->j->i (`idx_kj`, `idx_ji`) index `edge_index`; GemNet triplets b->a, c->a
   (`id3_ba`, `id3_ca`) and `id_swap` index the symmetric graph `edge_index_sym`.
 
@@ -33,11 +36,13 @@ from torch import Tensor
 from graphpar.data.sample import Sample
 
 __all__ = [
+    "GRAPH_CONVENTIONS",
     "TRIPLET_FAMILIES",
     "TRIPLET_FIELDS",
     "StructureError",
     "atoms_to_sample",
     "attach_triplets",
+    "check_graph_convention",
     "check_structure",
     "dimenet_triplets",
     "edge_vectors",
@@ -53,6 +58,19 @@ __all__ = [
 # `radius_graph_batch` (a few float/bool tensors of this size) whatever the batch.
 _MAX_CANDIDATES = 1 << 23
 
+# How a target's neighbours are capped at `max_neighbors` = k:
+# * "graphpar": the k nearest plus every source within `tolerance` (0.01 A) of the k-th distance.
+# * "fairchem": fairchem's `AtomsToGraphs(radius, max_neigh)` (pymatgen's neighbour list, then
+#   the first k of a sort by distance), which built the LMDBs of OCP's published checkpoints:
+#   float64 distances between the positions fairchem hands to pymatgen (`_fairchem_positions`:
+#   wrapped into the cell, through pymatgen's fractional round trip), exactly k per target with
+#   exact ties in enumeration order, and k - 1 for a target that pymatgen lists as its own
+#   neighbour. From float64 positions (`atoms_to_sample` reads them from the Atoms) the edge
+#   sets are fairchem's on both structures of tests/data/fairchem-checkpoints (990 and 1,792
+#   edges; "graphpar" keeps 990 and 1,924). Ties closer than float64 rounding follow the
+#   arithmetic, so another build of the same structure may differ in an edge at the k-th shell.
+GRAPH_CONVENTIONS = ("graphpar", "fairchem")
+
 
 # ----------------------------------------------------------------------------------------------
 # Radius graph
@@ -66,16 +84,20 @@ def radius_graph(
     cutoff: float,
     max_neighbors: int | None = None,
     tolerance: float = 0.01,
+    convention: str = "graphpar",
 ) -> tuple[Tensor, Tensor]:
     """Periodic radius graph of one structure.
 
     Args:
-        pos: [N,3] float, Cartesian positions (A). Distances are computed in this dtype.
+        pos: [N,3] float, Cartesian positions (A). Distances are computed in this dtype
+            (convention "fairchem": in float64, between fairchem's wrapped positions).
         cell: [3,3], lattice vectors as rows (A).
         pbc: 3 bools, periodic directions.
         cutoff: keep 0 < |vec_ji| <= cutoff (A).
-        max_neighbors: per target, keep the nearest ones plus the shell tied within `tolerance`.
-        tolerance: degeneracy tolerance on the k-th distance (A).
+        max_neighbors: per target, keep the nearest ones plus the shell tied within `tolerance`
+            (convention "fairchem": exactly that many, `GRAPH_CONVENTIONS`).
+        tolerance: degeneracy tolerance on the k-th distance (A); convention "graphpar" only.
+        convention: how `max_neighbors` caps a target (`GRAPH_CONVENTIONS`).
 
     Returns:
         edge_index [2,E] long (source j, target i) and cell_offsets [E,3] long (source image).
@@ -89,6 +111,7 @@ def radius_graph(
         cutoff,
         max_neighbors=max_neighbors,
         tolerance=tolerance,
+        convention=convention,
     )
     return edge_index, cell_offsets
 
@@ -101,17 +124,20 @@ def radius_graph_batch(
     cutoff: float,
     max_neighbors: int | None = None,
     tolerance: float = 0.01,
+    convention: str = "graphpar",
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Radius graphs of a batch of structures, equal to concatenating `radius_graph` on each.
 
     Args:
         pos: [sum N,3] float, positions of all structures one after the other (A).
         cell: [B,3,3] lattice vectors as rows (A); pbc: [B,3] bool; natoms: [B] atoms each.
-        cutoff, max_neighbors, tolerance: as in `radius_graph` (A).
+        cutoff, max_neighbors, tolerance, convention: as in `radius_graph` (A).
 
     Returns:
         edge_index [2,E] with batch-global atom ids, cell_offsets [E,3], num_edges [B].
     """
+    check_graph_convention(convention)
+    fairchem = convention == "fairchem"
     device = pos.device
     natoms = torch.as_tensor(natoms, device=device).long().reshape(-1)
     cell = torch.as_tensor(cell, device=device).reshape(-1, 3, 3)
@@ -120,6 +146,9 @@ def radius_graph_batch(
     num_atoms = pos.shape[0]
     atom_ptr = torch.cumsum(natoms, 0) - natoms
     batch = torch.repeat_interleave(torch.arange(num_structures, device=device), natoms)
+    if fairchem:  # float64 distances between fairchem's wrapped positions
+        cell = cell.double()
+        pos, wrap_image, self_slot = _fairchem_positions(pos, cell, pbc, batch)
 
     offsets, shifts = _image_offsets(pos, cell, pbc, batch, natoms, cutoff)
 
@@ -133,10 +162,24 @@ def radius_graph_batch(
     source, target, image, dist2 = (torch.cat(p) for p in zip(*parts, strict=True))
     cell_offsets = offsets[batch[target], image]
 
-    keep = _nearest(target, dist2, num_atoms, cutoff, max_neighbors, tolerance)
+    if fairchem:
+        limit = None if max_neighbors is None else max_neighbors - self_slot.long()
+        keep = _nearest_strict(target, dist2, num_atoms, limit)
+        # Offsets between the given positions: wrapped = pos + wrap_image @ cell.
+        cell_offsets = cell_offsets + wrap_image[source] - wrap_image[target]
+    else:
+        keep = _nearest(target, dist2, num_atoms, cutoff, max_neighbors, tolerance)
     edge_index = torch.stack([source[keep], target[keep]])
     num_edges = torch.bincount(batch[edge_index[1]], minlength=num_structures)
     return edge_index, cell_offsets[keep], num_edges
+
+
+def check_graph_convention(convention: str) -> None:
+    """Raise ValueError unless `convention` is one of `GRAPH_CONVENTIONS`."""
+    if convention not in GRAPH_CONVENTIONS:
+        raise ValueError(
+            f"unknown graph convention {convention!r}; use one of {', '.join(GRAPH_CONVENTIONS)}"
+        )
 
 
 def _image_offsets(
@@ -292,6 +335,52 @@ def _nearest(
         threshold = torch.where(over, shell, threshold)
     row, column = torch.nonzero(rows <= threshold[:, None], as_tuple=True)
     return ptr[row] + (rows[row, column] & column_mask)
+
+
+def _nearest_strict(target: Tensor, dist2: Tensor, num_atoms: int, limit: Tensor | None) -> Tensor:
+    """Ids of the kept candidates of convention "fairchem" (grouped by target, ordered by target
+    then distance): the first `limit[i]` of target i's candidates by distance (all of them for
+    `limit` None), exact ties in enumeration order. `target` comes sorted."""
+    order = torch.argsort(dist2, stable=True)
+    order = order[torch.argsort(target[order], stable=True)]
+    if limit is None:
+        return order
+    degree = torch.bincount(target, minlength=num_atoms)
+    ptr = torch.cumsum(degree, 0) - degree
+    rank = torch.arange(target.numel(), device=target.device) - ptr[target]
+    return order[rank < limit[target]]
+
+
+def _fairchem_positions(
+    pos: Tensor, cell: Tensor, pbc: Tensor, batch: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions convention "fairchem" measures distances between, as fairchem's
+    `AtomsToGraphs` hands them to pymatgen: wrapped into the cell (`ase.geometry.wrap_positions`,
+    eps=0), then through pymatgen's Cartesian -> fractional -> Cartesian round trip, float64
+    [N,3]; the cell image of each atom's wrapped position [N,3] long (wrapped = pos + image @
+    cell); and the targets that keep one neighbour less [N] bool: those the round trip moves,
+    which pymatgen lists as their own neighbour at a distance ~1e-16 (one of the max_neigh places
+    of fairchem's sort, whose edges under 1e-8 A are then dropped). Computed in numpy on the CPU,
+    as ASE and pymatgen compute them (a few numbers per atom)."""
+    from ase.geometry import complete_cell, wrap_positions
+
+    positions, cells = pos.detach().cpu().double().numpy(), cell.detach().cpu().double().numpy()
+    periodic, structure = pbc.cpu().numpy(), batch.cpu().numpy()
+    moved, image = np.empty_like(positions), np.zeros(positions.shape, dtype=np.int64)
+    lost = np.zeros(len(positions), dtype=bool)
+    for index in range(len(cells)):
+        atoms, lattice = structure == index, complete_cell(cells[index])
+        inverse = np.linalg.inv(lattice)
+        wrapped = wrap_positions(positions[atoms], lattice, pbc=periodic[index], eps=0)
+        moved[atoms] = np.dot(np.dot(wrapped, inverse), lattice)
+        image[atoms] = np.rint(np.dot(wrapped - positions[atoms], inverse))
+        lost[atoms] = (moved[atoms] != wrapped).any(axis=1)
+    device = pos.device
+    return (
+        torch.as_tensor(moved, device=device),
+        torch.as_tensor(image, device=device),
+        torch.as_tensor(lost, device=device),
+    )
 
 
 def _float32_bits(x: Tensor) -> Tensor:
@@ -633,14 +722,20 @@ def check_structure(atoms) -> None:
 
 
 def atoms_to_sample(
-    atoms, cutoff: float = 6.0, max_neighbors: int | None = 50, triplets: bool = True
+    atoms,
+    cutoff: float = 6.0,
+    max_neighbors: int | None = 50,
+    triplets: bool = True,
+    convention: str = "graphpar",
 ) -> Sample:
-    """An `ase.Atoms` -> a `Sample` with its graph (cutoff in A) and, if `triplets`, both
-    triplet conventions. Energy (eV) and forces (eV/A, `apply_constraint=False`, as OC20's fixed
-    atoms carry forces) are read when the attached calculator holds them.
+    """An `ase.Atoms` -> a `Sample` with its graph (cutoff in A, `convention` as in
+    `radius_graph`) and, if `triplets`, both triplet conventions. Energy (eV) and forces (eV/A,
+    `apply_constraint=False`, as OC20's fixed atoms carry forces) are read when the attached
+    calculator holds them.
 
-    The graph is built from the stored float32 positions and cell, the values a model sees.
-    Raises StructureError for a structure without a graph (`check_structure`).
+    The graph is built from the stored float32 positions and cell, the values a model sees;
+    under convention "fairchem" from the float64 ones, as fairchem builds it. Raises
+    StructureError for a structure without a graph (`check_structure`).
     """
     from ase.constraints import FixAtoms
 
@@ -654,7 +749,13 @@ def atoms_to_sample(
         if isinstance(constraint, FixAtoms):
             fixed[torch.as_tensor(constraint.get_indices(), dtype=torch.long)] = True
 
-    edge_index, cell_offsets = radius_graph(pos, cell[0], pbc[0], cutoff, max_neighbors)
+    graph_pos, graph_cell = pos, cell[0]
+    if convention == "fairchem":
+        graph_pos = torch.as_tensor(np.asarray(atoms.get_positions()), dtype=torch.float64)
+        graph_cell = torch.as_tensor(np.asarray(atoms.get_cell()), dtype=torch.float64)
+    edge_index, cell_offsets = radius_graph(
+        graph_pos, graph_cell, pbc[0], cutoff, max_neighbors, convention=convention
+    )
     sample = Sample(
         pos=pos,
         atomic_numbers=torch.as_tensor(atoms.get_atomic_numbers(), dtype=torch.long),

@@ -344,11 +344,12 @@ def _content_range_total(header: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> int:
+def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> int | None:
     """Make one request for `url`, appending to `part` from its current size.
 
-    Returns the number of bytes received. Raises `_Interrupted` (or OSError / HTTPException)
-    for a failure worth retrying, DownloadError for one that is not.
+    Returns the file's whole size as the server announced it (None if it did not). Raises
+    `_Interrupted` (or OSError / HTTPException) for a failure worth retrying, DownloadError for
+    one that is not.
     """
     offset = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": f"graphpar/{__version__}"}
@@ -362,7 +363,7 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> int:
         if error.code == 416 and offset:
             # Nothing left to send: the part is complete (or too long, which the md5 catches).
             log.info("%s: server has no bytes past %d; verifying the partial file", url, offset)
-            return 0
+            return _content_range_total(error.headers.get("Content-Range"))
         if error.code in (408, 429) or error.code >= 500:
             raise _Interrupted(f"HTTP {error.code} {error.reason}") from error
         raise DownloadError(f"HTTP {error.code} {error.reason}") from error
@@ -402,19 +403,19 @@ def _fetch_once(url: str, part: Path, *, timeout: float, progress: bool) -> int:
     # http.client returns b"" when the peer closes early, so a short transfer shows only here.
     if expected is not None and received < expected:
         raise _Interrupted(f"connection closed after {received} of {expected} bytes")
-    return received
+    return total
 
 
 def _transfer(
     url: str, part: Path, *, retries: int, timeout: float, progress: bool, backoff: float
-) -> None:
-    """Fetch `url` into `part`, resuming after interruptions; raises DownloadError when stuck."""
+) -> int | None:
+    """Fetch `url` into `part`, resuming after interruptions; raises DownloadError when stuck.
+    Returns the file's size as the server announced it (None if it did not)."""
     failures = 0  # consecutive failed attempts
     while True:
         before = part.stat().st_size if part.exists() else 0
         try:
-            _fetch_once(url, part, timeout=timeout, progress=progress)
-            return
+            return _fetch_once(url, part, timeout=timeout, progress=progress)
         except (_Interrupted, OSError, http.client.HTTPException) as error:
             reason = _describe(error)
             after = part.stat().st_size if part.exists() else 0
@@ -513,6 +514,46 @@ def download(
         log.info("verified %s: md5 %s (accepted: %s)", dest, actual, ", ".join(md5s))
     else:
         log.info("verified %s: md5 %s", dest, actual)
+    return actual
+
+
+def download_sized(
+    url: str,
+    dest: str | os.PathLike,
+    size: int | None = None,
+    *,
+    retries: int = 5,
+    timeout: float = 60.0,
+    progress: bool = True,
+    backoff: float = 1.0,
+) -> int:
+    """`download` for a file published without a checksum (OCP's model checkpoints): resumed
+    the same way, then checked by size, `size` bytes when given, else the size the server
+    announced (Content-Length or Content-Range); a `.part` of another size is deleted, and a
+    server that announces no size with no `size` given is refused. Returns the size."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    log.info("%s %s to %s", "resuming" if part.exists() else "downloading", url, dest)
+    announced = _transfer(
+        url, part, retries=retries, timeout=timeout, progress=progress, backoff=backoff
+    )
+    expected = size if size is not None else announced
+    actual = part.stat().st_size
+    if expected is None:
+        raise DownloadError(
+            f"{url}: the server announced no size and none is configured: cannot verify the "
+            f"{actual} bytes received in {part}"
+        )
+    if actual != expected:
+        part.unlink()
+        source = "configured" if size is not None else "announced by the server"
+        raise DownloadError(
+            f"{url}: {actual} bytes received, {expected} {source}; the partial download {part} "
+            "was removed, rerun to download it again"
+        )
+    os.replace(part, dest)
+    log.info("verified %s: %d bytes", dest, actual)
     return actual
 
 
@@ -829,6 +870,22 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=60.0, help="seconds of network silence (default 60)"
     )
 
+    checkpoint_parser = commands.add_parser(
+        "download-checkpoint",
+        help="download a published model checkpoint, checked by size",
+        description=(
+            "Download a file published without a checksum (OCP's model checkpoints) from --url "
+            "to --out, resumed like `download`; --out appears only once it has --size bytes, "
+            "or the size the server announced when --size is not given."
+        ),
+    )
+    checkpoint_parser.add_argument("--url", required=True, help="the checkpoint's URL")
+    checkpoint_parser.add_argument("--out", required=True, type=Path, help="file to write")
+    checkpoint_parser.add_argument("--size", type=int, help="expected bytes (default: announced)")
+    checkpoint_parser.add_argument(
+        "--retries", type=int, default=5, help="retries in a row without progress (default 5)"
+    )
+
     extract_parser = commands.add_parser(
         "extract",
         help="extract the splits of a downloaded archive",
@@ -877,6 +934,8 @@ def main(argv: list[str] | None = None) -> None:
                 timeout=args.timeout,
                 manual_dir=args.manual_dir,
             )
+        elif args.command == "download-checkpoint":
+            download_sized(args.url, args.out, args.size, retries=args.retries)
         elif args.command == "extract":
             summary = extract(
                 CATALOGUE[args.name],

@@ -1,12 +1,14 @@
 """DimeNet++ (Gasteiger et al. 2020), energy-centric, periodic, with graph parallelism.
 
-Blocks and parameter names are PyG's `torch_geometric.nn.models.dimenet.DimeNetPlusPlus`
-(OCP's `dimenetplusplus` uses the same blocks), so `model.load_state_dict(pyg.state_dict())`
-works. Differences from PyG/OCP:
+Blocks and parameter names are PyG's `torch_geometric.nn.models.dimenet.DimeNetPlusPlus`, so
+`model.load_state_dict(pyg.state_dict())` works. OCP/fairchem's `dimenetplusplus` uses the same
+blocks and names except a bias in each output block's up-projection (`output_up_bias=True`) and
+angles measured on detached positions (`detach_angles=True`); `load_fairchem_state_dict` loads
+its weights (`graphpar.convert` converts its checkpoints). Differences from PyG/OCP:
 
 * the graph comes from the batch (`edge_index`, `cell_offsets`, and `idx_kj`/`idx_ji` when
   present, else built: `graphpar.data.graph.triplet_fields`); edge vectors include the periodic
-  image shift `cell_offsets @ cell` and positions are never detached;
+  image shift `cell_offsets @ cell` and positions are not detached (unless `detach_angles`);
 * the angular basis is evaluated from cos(alpha) = <v_kj, v_ji> / (|v_kj| |v_ji|) instead of
   atan2 (see `graphpar.models.basis`), so collinear triplets have finite forces;
 * forces = -dE/dpos by autograd (`create_graph` while training);
@@ -20,7 +22,8 @@ works. Differences from PyG/OCP:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +48,9 @@ __all__ = [
     "InteractionPPBlock",
     "OutputPPBlock",
     "ResidualLayer",
+    "fairchem_to_graphpar_name",
     "glorot_orthogonal",
+    "load_fairchem_state_dict",
 ]
 
 
@@ -201,6 +206,7 @@ class OutputPPBlock(nn.Module):
         num_layers: int,
         act: Callable[[Tensor], Tensor],
         output_initializer: str = "zeros",
+        up_bias: bool = False,
     ):
         if output_initializer not in {"zeros", "glorot_orthogonal"}:
             raise ValueError(f"unknown output_initializer {output_initializer!r}")
@@ -208,7 +214,7 @@ class OutputPPBlock(nn.Module):
         self.act = act
         self.output_initializer = output_initializer
         self.lin_rbf = Linear(num_radial, hidden_channels, bias=False)
-        self.lin_up = Linear(hidden_channels, out_emb_channels, bias=False)
+        self.lin_up = Linear(hidden_channels, out_emb_channels, bias=up_bias)
         self.lins = nn.ModuleList(
             [Linear(out_emb_channels, out_emb_channels) for _ in range(num_layers)]
         )
@@ -218,6 +224,8 @@ class OutputPPBlock(nn.Module):
     def reset_parameters(self) -> None:
         glorot_orthogonal(self.lin_rbf.weight, scale=2.0)
         glorot_orthogonal(self.lin_up.weight, scale=2.0)
+        if self.lin_up.bias is not None:
+            nn.init.zeros_(self.lin_up.bias)
         for lin in self.lins:
             glorot_orthogonal(lin.weight, scale=2.0)
             nn.init.zeros_(lin.bias)
@@ -264,6 +272,12 @@ class DimeNetPlusPlus(nn.Module):
     * act ("swish" = SiLU, OCP/PyG).
     * output_initializer ("zeros", PyG; OCP initialises the last output layer to zeros too).
     * regress_forces (True, OCP): forces = -dE/dpos.
+    * output_up_bias (False, PyG; OCP: True): a bias in each output block's up-projection
+      `lin_up`, which OCP's checkpoints hold.
+    * detach_angles (False): compatibility with OCP's DimeNet++, which measures the triplet angles
+      on detached positions: the same energies, but forces = -dE/dpos without the derivatives
+      through the angles (what OCP's published DimeNet++ models were trained and scored with).
+      Leave it off to train: forces are then the full gradient.
     """
 
     # Its triplets: `graphpar.data.graph.TRIPLET_FIELDS["dimenetpp"]`.
@@ -287,6 +301,8 @@ class DimeNetPlusPlus(nn.Module):
         act: str = "swish",
         output_initializer: str = "zeros",
         regress_forces: bool = True,
+        output_up_bias: bool = False,
+        detach_angles: bool = False,
     ):
         super().__init__()
         if num_spherical < 2:
@@ -298,6 +314,7 @@ class DimeNetPlusPlus(nn.Module):
         self.num_blocks = num_blocks
         self.out_channels = out_channels
         self.regress_forces = regress_forces
+        self.detach_angles = detach_angles
 
         self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
         self.sbf = SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
@@ -312,6 +329,7 @@ class DimeNetPlusPlus(nn.Module):
                     num_output_layers,
                     act_fn,
                     output_initializer,
+                    output_up_bias,
                 )
                 for _ in range(num_blocks + 1)
             ]
@@ -381,8 +399,12 @@ class DimeNetPlusPlus(nn.Module):
         vec = edge_vectors(pos, edge_index, cell_offsets, batch.cell, structure)
         dist = vec.norm(dim=-1)
         # Angle between v_kj and v_ji through its cosine (PyG/OCP: atan2(|v x w|, <v, w>), whose
-        # gradient is undefined for collinear triplets).
-        cos_angle = (vec[t_kj] * vec[t_ji]).sum(-1) / (dist[t_kj] * dist[t_ji])
+        # gradient is undefined for collinear triplets). `detach_angles` (OCP's DimeNet++): the
+        # same values, no gradient through them. Geometry is replicated on every rank, so under
+        # graph parallelism this only drops the angles' share of each rank's partial gradient.
+        side = vec.detach() if self.detach_angles else vec
+        length = dist.detach() if self.detach_angles else dist
+        cos_angle = (side[t_kj] * side[t_ji]).sum(-1) / (length[t_kj] * length[t_ji])
 
         rbf = self.rbf(dist[edges])
         sbf = self.sbf(dist, cos_angle, t_kj)
@@ -398,3 +420,57 @@ class DimeNetPlusPlus(nn.Module):
 
         energy = scatter_sum(energy_atoms, structure, natoms.numel())
         return energy.squeeze(-1) if self.out_channels == 1 else energy
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading fairchem checkpoints
+# ----------------------------------------------------------------------------------------------
+
+# fairchem `dimenetplusplus` state_dict name -> ours, as (pattern, replacement) rules tried in
+# order (the shape of `graphpar.models.gemnet.FAIRCHEM_NAME_MAP`): the blocks carry the same names
+# (both follow PyG), so every name maps to itself; a name of another model is refused.
+FAIRCHEM_NAME_MAP: tuple[tuple[str, str | None], ...] = (
+    (r"^(rbf\.freq)$", r"\1"),
+    (r"^(emb\..*)$", r"\1"),
+    (r"^(output_blocks\.\d+\..*)$", r"\1"),
+    (r"^(interaction_blocks\.\d+\..*)$", r"\1"),
+)
+
+
+def fairchem_to_graphpar_name(name: str) -> str | None:
+    """Our state_dict name of fairchem's `name` (KeyError: not a DimeNet++ parameter)."""
+    for pattern, replacement in FAIRCHEM_NAME_MAP:
+        if re.match(pattern, name):
+            return None if replacement is None else re.sub(pattern, replacement, name)
+    raise KeyError(name)
+
+
+def load_fairchem_state_dict(
+    model: DimeNetPlusPlus, state_dict: Mapping[str, Tensor]
+) -> DimeNetPlusPlus:
+    """Load fairchem `dimenetplusplus` weights into `model` (built with `output_up_bias=True`),
+    strictly. `state_dict`: fairchem names, any "module." prefixes stripped. Raises ValueError
+    for a name that is not DimeNet++'s or a tensor of the wrong shape, and for missing ones."""
+    ours: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        bare = key
+        while bare.startswith("module."):
+            bare = bare[len("module.") :]
+        try:
+            name = fairchem_to_graphpar_name(bare)
+        except KeyError:
+            raise ValueError(f"{key} is not a parameter of fairchem's DimeNet++") from None
+        if name is not None:
+            ours[name] = torch.as_tensor(value)
+    expected = model.state_dict()
+    for key, value in ours.items():
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{key}: shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}"
+            )
+    missing = sorted(set(expected) - set(ours))
+    unknown = sorted(set(ours) - set(expected))
+    if missing or unknown:
+        raise ValueError(f"DimeNet++ weights: missing {missing}, unexpected {unknown}")
+    model.load_state_dict(ours, strict=True)
+    return model

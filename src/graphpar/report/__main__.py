@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from graphpar.io import atomic_path
-from graphpar.report import FIGURES, TABLES
+from graphpar.report import ALL_TABLES, FIGURES
 from graphpar.report.bundle import DEFAULT_MAX_MEMBER_MB, DEFAULT_MAX_TOTAL_MB, MB
 
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     table = commands.add_parser("table", help="write <table>.md/.csv/.tex")
-    table.add_argument("name", choices=TABLES)
+    table.add_argument("name", choices=ALL_TABLES)
     sources_options(table)
     table.add_argument("--out-dir", type=Path, default=Path("results/tables"))
 

@@ -34,6 +34,21 @@ METRIC_KEYS = {
 }
 
 
+# IS2RE metrics come from a force model's relaxation (the energy of its ML-relaxed structure,
+# graphpar.relax) or from an energy-only model's direct prediction (graphpar.evaluate is2re);
+# the files say which in `method` (files written before it was recorded: relaxations).
+IS2RE_METHODS = ("relaxation", "direct")
+
+
+def is2re_method(metrics: dict, path: Path) -> str:
+    method = metrics.get("method", "relaxation")
+    if method not in IS2RE_METHODS:
+        raise ValueError(
+            f"{path}: method {method!r} is not an IS2RE method ({', '.join(IS2RE_METHODS)})"
+        )
+    return method
+
+
 def split_group(split: str) -> tuple[str, str]:
     """(split group, split label): `val_ood_ads` -> ("val", "OOD Ads"); a split outside OC20's
     naming keeps its name as its label."""
@@ -56,8 +71,9 @@ def _dataset_name(provenance: dict) -> str:
 
 def read_metrics(results: Path, task: str) -> pd.DataFrame:
     """One row per metrics file of `task`: experiment, run, split, split_group (val/test),
-    split_label, model (registered config), dataset, the task's metrics (None where null),
-    n_systems, path. NaN or Infinity in a file is an error naming it (`graphpar.io.read_json`)."""
+    split_label, model (registered config), dataset, method (IS2RE: relaxation or direct; None
+    for the other tasks), the task's metrics (None where null), n_systems, path. NaN or Infinity
+    in a file is an error naming it (`graphpar.io.read_json`)."""
     rows = []
     for path in metrics_files(results, task):
         metrics = read_json(path)
@@ -72,14 +88,22 @@ def read_metrics(results: Path, task: str) -> pd.DataFrame:
                 "split_label": label,
                 "model": provenance.get("model", "?"),
                 "dataset": _dataset_name(provenance),
+                "method": is2re_method(metrics, path) if task == "is2re" else None,
                 **{key: metrics.get(key) for key in METRIC_KEYS[task]},
                 "n_systems": metrics.get("n_systems"),
                 "path": str(path),
             }
         )
     columns = ["experiment", "run", "split", "split_group", "split_label", "model", "dataset"]
-    columns += [*METRIC_KEYS[task], "n_systems", "path"]
+    columns += ["method", *METRIC_KEYS[task], "n_systems", "path"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def publication(metrics: dict) -> dict | None:
+    """What a metrics file of a converted published checkpoint records of its publication
+    (name, url, published numbers: graphpar.convert --published), None for a trained run."""
+    source = (metrics.get("provenance") or {}).get("source") or {}
+    return source.get("publication")
 
 
 def curve_files(results: Path) -> list[Path]:

@@ -8,6 +8,13 @@ then a `Source` column. Published cells are reproduced exactly as printed (from
 splits that have a value (the paper averages the four test splits; our test splits have
 hidden labels on OC20, so the val splits stand in). Where our model configuration is one the
 paper reports (results/paper/models.csv), a `rel. diff.` row gives (ours - paper) / paper.
+
+IS2RE rows say how their energies were found, in the paper's words: `Relaxation` (a force model
+relaxed the initial structure; the energy of the relaxed one) or `Direct` (an energy-only model,
+task is2re, predicted the relaxed energy from the initial structure), in Table 3's Approach
+column and, as Table 6 prints it, after the model (`(Relax)`, `(Direct)`). Their relative
+difference is to the paper's row of the same approach: a direct row of a fine-tuned model is
+compared with the paper's `<model>-FT` row (GemNet-XL-FT: GemNet-XL fine-tuned on IS2RE).
 """
 
 from __future__ import annotations
@@ -18,10 +25,14 @@ from pathlib import Path
 import pandas as pd
 from tabulate import tabulate
 
-from graphpar.io import atomic_path
-from graphpar.report import TABLES, sources
+from graphpar.io import atomic_path, read_json
+from graphpar.report import ALL_TABLES, PUBLISHED_TABLE, sources
 
 MISSING = "n/a"
+# The paper's names of the IS2RE approaches (sources.IS2RE_METHODS): Table 3's Approach column,
+# and the suffix of Table 6's model names.
+APPROACHES = {"relaxation": "Relaxation", "direct": "Direct"}
+APPROACH_SUFFIXES = {"relaxation": "Relax", "direct": "Direct"}
 
 
 def _format(value: float | None, digits: int) -> str:
@@ -56,17 +67,36 @@ def _descriptive(column: str, group: pd.DataFrame) -> str:
     if column == "training_data":
         return f"{group['dataset'].iloc[0]} dataset"
     if column == "approach":
-        return "Relaxation"  # our IS2RE energies are those of the ML-relaxed structures
+        return APPROACHES[_method(group)]
     return MISSING  # e.g. training GPU-days: not measured
+
+
+def _method(group: pd.DataFrame) -> str:
+    """The IS2RE method of our rows' metrics files (relaxation where not recorded)."""
+    method = group["method"].iloc[0] if "method" in group else None
+    return method if isinstance(method, str) else "relaxation"
+
+
+def _paper_method(printed: pd.Series) -> str | None:
+    """The IS2RE method of a published row: Table 3's Approach, Table 6's model-name suffix;
+    None where the table says none."""
+    approach = printed.get("approach")
+    for method, name in APPROACHES.items():
+        if approach == name or str(printed["model"]).endswith(f"({APPROACH_SUFFIXES[method]})"):
+            return method
+    return None
 
 
 def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: pd.DataFrame):
     """Our rows (and their relative differences), in the table's columns, keyed for ordering."""
     config_to_model = {row.config: row.model_id for row in models.itertuples() if row.config}
     per_split = meta["layout"] == "split"
+    is2re = meta["task"] == "is2re"
+    has_approach = any(column["key"] == "approach" for column in meta["columns"])
     keys = ["experiment", "run", "split_group", "model", "dataset"] + (
         ["split"] if per_split else []
     )
+    keys += ["method"] if is2re else []
     rows = []
     for key, group in metrics.groupby(keys, sort=True):
         record = dict(zip(keys, key, strict=True))
@@ -79,6 +109,8 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
                 f"ours: {record['split_group']}, mean of {with_value['split'].nunique()} split(s)"
             )
         row = {"Model": f"{record['experiment']}/{record['run']} ({record['model']})"}
+        if is2re and not has_approach:  # as Table 6: "GemNet-XL (Relax)"
+            row["Model"] += f" ({APPROACH_SUFFIXES[_method(group)]})"
         if per_split:
             row = {"Split": group["split_label"].iloc[0], **row}
         for column in meta["columns"]:
@@ -90,11 +122,16 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
         split_label = group["split_label"].iloc[0] if per_split else None
         rows.append((split_label, row))
 
-        # Relative difference to the paper's row of the same architecture (and split).
+        # Relative difference to the paper's row of the same architecture (and split; IS2RE:
+        # approach, a direct row's being the fine-tuned model's, `<model>-FT`).
         model_id = config_to_model.get(record["model"])
-        match = paper[paper["model_id"] == model_id]
+        candidates = [model_id] + ([f"{model_id}-FT"] if is2re else [])
+        match = paper[paper["model_id"].isin(candidates)]
         if per_split:
             match = match[match["split"] == split_label]
+        if is2re:
+            method = _method(group)
+            match = match.loc[[_paper_method(printed) == method for _, printed in match.iterrows()]]
         if model_id is None or match.empty:
             continue
         printed = match.iloc[0]
@@ -165,18 +202,89 @@ def render_latex(table: str, frame: pd.DataFrame, paper: Path) -> str:
     return f"% {meta['title']}\n% {meta['source']}; generated by graphpar.report\n{body}\n"
 
 
+# ---- published checkpoints ------------------------------------------------------------------
+
+PUBLISHED_TITLE = "Published OCP checkpoints evaluated here, beside the val numbers published"
+# (metrics key, label, digits, fraction shown in %)
+PUBLISHED_METRICS = (
+    ("energy_mae", "Energy MAE [eV]", 4, False),
+    ("forces_mae", "Force MAE [eV/A]", 4, False),
+    ("forces_cos", "Force Cos", 4, False),
+    ("efwt", "EFwT [%]", 2, True),
+)
+
+
+def build_published_table(results: Path) -> pd.DataFrame:
+    """Our S2EF metrics of every converted published checkpoint (metrics files whose provenance
+    records a publication, `sources.publication`), one row per (checkpoint, split, metric),
+    beside the number published for it where there is one, and (ours - published) /
+    published. Splits without labels (test) have no metrics and no rows."""
+    rows = []
+    for path in sources.metrics_files(results, "s2ef"):
+        metrics = read_json(path)
+        record = sources.publication(metrics)
+        if record is None:
+            continue
+        printed = record["published"].get(metrics["split"], {})
+        for key, label, digits, fraction in PUBLISHED_METRICS:
+            ours, theirs = metrics.get(key), printed.get(key)
+            if ours is None and theirs is None:
+                continue
+            scale = 100 if fraction else 1
+            rows.append(
+                {
+                    "Checkpoint": f"{path.parents[2].name}/{path.parent.name}",
+                    "Split": metrics["split"],
+                    "Metric": label,
+                    "Ours": _format(None if ours is None else scale * ours, digits),
+                    "Published": _format(None if theirs is None else scale * theirs, digits),
+                    "rel. diff.": _relative(ours, "" if theirs is None else str(theirs)),
+                    "Source": record["published"].get("source", record["url"]),
+                }
+            )
+    columns = ["Checkpoint", "Split", "Metric", "Ours", "Published", "rel. diff.", "Source"]
+    return pd.DataFrame(rows, columns=columns, dtype=str)
+
+
+def render_published_markdown(frame: pd.DataFrame) -> str:
+    body = tabulate(
+        frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True
+    )
+    notes = [
+        "Checkpoints: config `published` (config/paper/published.yaml), downloaded, converted "
+        "(graphpar.convert) and evaluated by this pipeline; `<experiment>/<name>`.",
+        "Published: the val numbers OCP published for each checkpoint (its `source`); "
+        "n/a where none was published for that split or metric.",
+        "rel. diff.: (ours - published) / published.",
+    ]
+    if frame.empty:
+        notes.insert(0, "No published checkpoint has been evaluated (config `published`).")
+    return f"# {PUBLISHED_TITLE}\n\n{body}\n\n" + "".join(f"- {note}\n" for note in notes)
+
+
 def write_table(table: str, results: Path, paper: Path, out_dir: Path) -> dict[str, Path]:
     """Write `<table>.md`, `.csv` and `.tex` into `out_dir` (atomically); returns the paths."""
-    if table not in TABLES:
-        raise ValueError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
-    frame = build_table(table, Path(results), Path(paper))
+    if table not in ALL_TABLES:
+        raise ValueError(f"unknown table {table!r}; known: {', '.join(ALL_TABLES)}")
+    if table == PUBLISHED_TABLE:
+        frame = build_published_table(Path(results))
+        markdown = render_published_markdown(frame)
+        latex = tabulate(
+            frame, headers="keys", tablefmt="latex_booktabs", showindex=False,
+            disable_numparse=True,
+        )  # fmt: skip
+        latex = f"% {PUBLISHED_TITLE}; generated by graphpar.report\n{latex}\n"
+    else:
+        frame = build_table(table, Path(results), Path(paper))
+        markdown = render_markdown(table, frame, paper)
+        latex = render_latex(table, frame, paper)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {ext: out_dir / f"{table}.{ext}" for ext in ("md", "csv", "tex")}
     with atomic_path(paths["md"]) as tmp:
-        tmp.write_text(render_markdown(table, frame, paper))
+        tmp.write_text(markdown)
     with atomic_path(paths["csv"]) as tmp:
         frame.to_csv(tmp, index=False)
     with atomic_path(paths["tex"]) as tmp:
-        tmp.write_text(render_latex(table, frame, paper))
+        tmp.write_text(latex)
     return paths

@@ -15,7 +15,7 @@ import pickle
 import random
 import shutil
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,22 +47,35 @@ CHECKPOINT_GLOBALS = [
 
 
 def read_checkpoint(path: Path, map_location="cpu") -> dict:
-    """A checkpoint, verified (the CRC of every record) and unpickled without running any of
-    its code: torch's `weights_only` loader, allowing only `CHECKPOINT_GLOBALS` beyond its own
-    list. A file that asks for anything else is refused before any of it runs; every other
-    flaw (truncated, a changed byte, not a zip archive) is one "corrupt checkpoint" error."""
+    """A graphpar checkpoint, read by `read_verified` allowing `CHECKPOINT_GLOBALS`; a file of
+    another format is refused."""
+    state = read_verified(path, CHECKPOINT_GLOBALS, map_location)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a graphpar checkpoint")
+    return state
+
+
+def read_verified(
+    path: Path,
+    allowed: Sequence = (),
+    map_location="cpu",
+    kind: str = "graphpar checkpoint",
+) -> Any:
+    """A `torch.save` file (a checkpoint: graphpar's, or OCP's for `graphpar.convert`),
+    verified (the CRC of every record) and unpickled without running any of its code: torch's
+    `weights_only` loader, allowing only the functions and classes `allowed` beyond its own list.
+    A file that asks for anything else is refused before any of it runs (the message says no
+    `kind` holds it); every other flaw (truncated, a changed byte, not a zip archive) is one
+    "corrupt checkpoint" error."""
     path = Path(path)
     try:
         file = open(path, "rb")  # noqa: SIM115 (closed by the block below)
     except OSError as error:
         raise TrainingError(f"cannot read checkpoint {path}: {error.strerror}") from error
-    with file, torch.serialization.safe_globals(CHECKPOINT_GLOBALS):
+    with file, torch.serialization.safe_globals(list(allowed)):
         _verify_archive(file, path)
-        _refuse_other_globals(file, path)
-        state = _unpickle(file, path, map_location)
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"{path} is not a graphpar checkpoint")
-    return state
+        _refuse_other_globals(file, path, kind)
+        return _unpickle(file, path, map_location)
 
 
 def _corrupt(path: Path, detail: str | Exception) -> TrainingError:
@@ -89,10 +102,10 @@ def _verify_archive(file, path: Path) -> None:
         raise _corrupt(path, f"record {bad!r} is corrupt: its CRC or header does not match")
 
 
-def _refuse_other_globals(file, path: Path) -> None:
+def _refuse_other_globals(file, path: Path, kind: str) -> None:
     """Refuse a checkpoint whose pickle names a function or class outside the allow-list
-    (torch's and `CHECKPOINT_GLOBALS`, in force around this call): read statically, nothing of
-    the pickle runs."""
+    (torch's and the reader's, in force around this call): read statically, nothing of the
+    pickle runs."""
     file.seek(0)
     try:
         refused = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(file))
@@ -101,9 +114,7 @@ def _refuse_other_globals(file, path: Path) -> None:
     except Exception as error:  # a record torch cannot read
         raise _corrupt(path, error) from error
     if refused:
-        raise _refused(
-            path, f"it asks to run {', '.join(refused)}, which no graphpar checkpoint holds"
-        )
+        raise _refused(path, f"it asks to run {', '.join(refused)}, which no {kind} holds")
 
 
 def _unpickle(file, path: Path, map_location) -> Any:
@@ -217,7 +228,9 @@ class RunState:
     scheduler: Any  # a torch learning-rate scheduler or None
     ema: EMA | None
     normalization: Mapping[str, float]
-    graph: Mapping[str, Any]  # how the training graphs were built (cutoff, max_neighbors)
+    # How the training graphs were built (training.data.GRAPH_SETTINGS: cutoff, max_neighbors,
+    # graph_convention).
+    graph: Mapping[str, Any]
     data: Mapping[str, Any]  # the training data's settings and identities (training.data)
     progress: Progress = field(default_factory=Progress)
 
@@ -286,7 +299,9 @@ def trained_model(state: Mapping, device: str | torch.device = "cpu") -> Normali
     config = state["config"]
     # The state dict holds the scale factors: the config's file need not exist here.
     model = build_normalized_model(config, state["normalization"], scale_factors=False)
+    # In the checkpoint's dtype before loading, so float64 weights load exactly.
+    model = model.to(dtype=DTYPES[config["dtype"]])
     model.load_state_dict(state["model"])
     if state.get("ema") is not None:
         copy_weights(model, state["ema"]["shadow"])
-    return model.to(device=device, dtype=DTYPES[config["dtype"]]).eval()
+    return model.to(device=device).eval()

@@ -67,6 +67,8 @@ _DIMENETPP_ARGUMENTS = {
     "act": "str",
     "output_initializer": "str",
     "regress_forces": "bool",
+    "output_up_bias": "bool",
+    "detach_angles": "bool",
 }
 _GEMNET_ARGUMENTS = {
     "num_spherical": "int",

@@ -42,12 +42,18 @@ def open_datasets(config: Mapping, family: str):
 
 
 # The settings of a dataset that a model trained on it depends on: its graphs (cutoff in A,
-# neighbours per atom) and what its energies are (graphpar.preprocess.energy_reference).
-DATA_SETTINGS = ("cutoff", "max_neighbors", "energy_reference")
+# neighbours per atom, how they are capped: graphpar.data.graph.GRAPH_CONVENTIONS) and what its
+# energies are (graphpar.preprocess.energy_reference).
+DATA_SETTINGS = ("cutoff", "max_neighbors", "graph_convention", "energy_reference")
+# How the graphs a model was trained on were built: what inference rebuilds them with.
+GRAPH_SETTINGS = ("cutoff", "max_neighbors", "graph_convention")
 
 
 def _differs(key: str, recorded, found) -> bool:
-    """Two recorded values of a data setting differ (None: not recorded, so no comparison)."""
+    """Two recorded values of a data setting differ (None: not recorded, so no comparison;
+    except the graph convention: data and checkpoints that do not record it used "graphpar")."""
+    if key == "graph_convention":
+        recorded, found = recorded or "graphpar", found or "graphpar"
     if recorded is None or found is None:
         return False
     if key == "cutoff":
@@ -152,7 +158,7 @@ class TrainingData:
                 raise TrainingError(f"validation dataset {config['val']}: {error}") from error
         every = [*parts, *([val] if val is not None else [])]
         check_cutoff(cutoff, every)
-        graph = {key: parts[0].metadata.get(key) for key in ("cutoff", "max_neighbors")}
+        graph = {key: parts[0].metadata.get(key) for key in GRAPH_SETTINGS}
         return cls(dataset, sizes, val, graph, data_record(every))
 
 
