@@ -34,6 +34,7 @@ PIPELINE_RULES = (
     "train",
     "evaluate_s2ef",
     "relax",
+    "submission",
 )
 REPORT_RULES = ("report_table", "report_figure", "report_config")
 CHROMIUM_FLAGS = (

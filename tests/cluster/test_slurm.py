@@ -46,8 +46,9 @@ SLURM_OUTPUTS = (
     "results/tiny/scale_factors/*",
     "results/tiny/metrics/gemnet/training.jsonl",
 )
-# The rules of the local tiny run that the rehearsals run on SLURM instead.
-REHEARSED = {"evaluate_s2ef", "relax"}
+# The rules of the local tiny run that the rehearsals run on SLURM instead, and `submission`
+# (one numpy process reading predictions, no GPU or torchrun: tests/test_submission.py).
+REHEARSED = {"evaluate_s2ef", "relax", "submission"}
 
 # What differs between two runs of one computation: the fields that measure the run itself,
 # and the provenance (the machine and the launch).
