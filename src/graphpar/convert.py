@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from graphpar.models import dimenetpp, gemnet
+from graphpar.models.blocks import unwrapped
 from graphpar.training.checkpoint import (
     CHECKPOINT_FORMAT,
     read_verified,
@@ -188,13 +189,7 @@ def _model_name_and_arguments(state: Mapping, layout: str) -> tuple[str, dict]:
 def _strip_prefixes(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """State-dict names without their `module.` prefixes (DataParallel, DistributedDataParallel
     and fairchem's wrappers each add one)."""
-    stripped = {}
-    for key, value in state_dict.items():
-        name = key
-        while name.startswith("module."):
-            name = name[len("module.") :]
-        stripped[name] = value
-    return stripped
+    return {unwrapped(key): value for key, value in state_dict.items()}
 
 
 def _graphpar_arguments(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -18,3 +20,21 @@ def atom_structure(batch) -> Tensor:
         return structure
     natoms = batch.natoms.reshape(-1)
     return torch.repeat_interleave(torch.arange(natoms.numel(), device=natoms.device), natoms)
+
+
+def renamed(name: str, rules: tuple[tuple[str, str | None], ...]) -> str | None:
+    """`name` renamed by the first of `rules` ((pattern, replacement); None drops the name)
+    whose pattern matches (KeyError: none does). Loading fairchem state dicts: each model's
+    `FAIRCHEM_NAME_MAP`."""
+    for pattern, replacement in rules:
+        if re.match(pattern, name):
+            return None if replacement is None else re.sub(pattern, replacement, name)
+    raise KeyError(name)
+
+
+def unwrapped(name: str) -> str:
+    """A state-dict name without its `module.` prefixes (DataParallel, DistributedDataParallel
+    and fairchem's trainer wrappers each add one)."""
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name

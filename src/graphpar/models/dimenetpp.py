@@ -22,7 +22,6 @@ its weights (`graphpar.convert` converts its checkpoints). Differences from PyG/
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -32,7 +31,7 @@ from torch.nn import Embedding, Linear
 
 from graphpar.data.graph import edge_vectors, triplet_fields
 from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
-from graphpar.models.blocks import atom_structure, scatter_sum
+from graphpar.models.blocks import atom_structure, renamed, scatter_sum, unwrapped
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
@@ -439,10 +438,7 @@ FAIRCHEM_NAME_MAP: tuple[tuple[str, str | None], ...] = (
 
 def fairchem_to_graphpar_name(name: str) -> str | None:
     """Our state_dict name of fairchem's `name` (KeyError: not a DimeNet++ parameter)."""
-    for pattern, replacement in FAIRCHEM_NAME_MAP:
-        if re.match(pattern, name):
-            return None if replacement is None else re.sub(pattern, replacement, name)
-    raise KeyError(name)
+    return renamed(name, FAIRCHEM_NAME_MAP)
 
 
 def load_fairchem_state_dict(
@@ -453,11 +449,8 @@ def load_fairchem_state_dict(
     for a name that is not DimeNet++'s or a tensor of the wrong shape, and for missing ones."""
     ours: dict[str, Tensor] = {}
     for key, value in state_dict.items():
-        bare = key
-        while bare.startswith("module."):
-            bare = bare[len("module.") :]
         try:
-            name = fairchem_to_graphpar_name(bare)
+            name = fairchem_to_graphpar_name(unwrapped(key))
         except KeyError:
             raise ValueError(f"{key} is not a parameter of fairchem's DimeNet++") from None
         if name is not None:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphpar.data.graph import edge_vectors, triplet_fields
-from graphpar.models.blocks import atom_structure, scatter_sum
+from graphpar.models.blocks import atom_structure, renamed, scatter_sum, unwrapped
 from graphpar.models.gemnet_basis import CircularBasis, RadialBasis
 from graphpar.parallel import (
     copy_to_partitioned,
@@ -676,10 +676,7 @@ FAIRCHEM_NAME_MAP: tuple[tuple[str, str | None], ...] = (
 
 def fairchem_to_graphpar_name(name: str) -> str | None:
     """Our state_dict name of fairchem's `name` (None: an alias we do not store)."""
-    for pattern, replacement in FAIRCHEM_NAME_MAP:
-        if re.match(pattern, name):
-            return None if replacement is None else re.sub(pattern, replacement, name)
-    raise KeyError(name)
+    return renamed(name, FAIRCHEM_NAME_MAP)
 
 
 def load_fairchem_state_dict(
@@ -804,9 +801,7 @@ def resolve_scale_factors(
     for key, value in mapping.items():
         if key in _METADATA_KEYS:
             continue
-        bare = key
-        while bare.startswith("module."):
-            bare = bare[len("module.") :]
+        bare = unwrapped(key)
         paper = PAPER_UNUSED_SCALE_FACTOR.match(bare)
         if paper and f"AtomUpdate_{paper.group(1)}_sum" in names:
             unused.append(f"AtomUpdate_{paper.group(1)}_sum")
