@@ -15,6 +15,7 @@
 #   resources/checkpoints/<name>.pt published checkpoints as downloaded (config `published`)
 #   results/<experiment>/           everything computed from the data
 #     checkpoints/<run>/            final.pt, checkpoint.pt (resume), metrics.jsonl, train.log
+#                                   (a published checkpoint's final.pt: converted, config `published`)
 #     metrics/<run>/<task>_<split>.json   metrics with provenance
 #     metrics/<run>/training.jsonl  the run's learning curve (a copy of its metrics.jsonl)
 #     predictions/<run>/<task>_<split>.npz per-system predictions (OC20 submission format)

@@ -128,6 +128,11 @@ def test_every_paper_config_rehearses_on_slurm(rehearsals, name):
                         (results / f"metrics/{run}/{task}_{split}.json").read_text()
                     )
                     assert metrics["n_systems"] >= 1, (run, task)
+        else:  # energy only (GemNet-XL-FT): evaluated directly, never relaxed
+            for split in OVERLAY["rehearsal"]["splits"]:
+                metrics = json.loads((results / f"metrics/{run}/is2re_{split}.json").read_text())
+                assert metrics["method"] == "direct" and metrics["n_systems"] >= 1, run
+                assert not (results / f"metrics/{run}/is2rs_{split}.json").exists(), run
 
     for run, paper in paper_config(name).get("scaling", {}).get("runs", {}).items():
         measured = json.loads((results / "scaling" / f"{run}.json").read_text())
