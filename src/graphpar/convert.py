@@ -65,12 +65,8 @@ import torch
 
 from graphpar.models import dimenetpp, gemnet
 from graphpar.models.blocks import unwrapped
-from graphpar.training.checkpoint import (
-    CHECKPOINT_FORMAT,
-    read_verified,
-    write_checkpoint,
-)
-from graphpar.training.config import TrainingError, config_hash, load_config
+from graphpar.training.checkpoint import RunState, read_verified, write_checkpoint
+from graphpar.training.config import TrainingError, load_config
 from graphpar.training.normalization import Normalized, build_normalized_model
 from graphpar.training.step import DTYPES
 
@@ -468,26 +464,20 @@ def _graphpar_state(
         int(arguments["max_neighbors"]) if name == "gemnet_t" else _DIMENETPP_MAX_NEIGHBORS
     )
     graph = {"cutoff": cutoff, "max_neighbors": max_neighbors, "graph_convention": "fairchem"}
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "config": config,
-        "config_hash": config_hash(config),
-        "step": 0,
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "model": model.state_dict(),
-        "optimizer": None,
-        "scheduler": None,
-        "ema": None,
-        "normalization": {
-            "energy_mean": stats["energy_mean"],
-            "energy_std": stats["energy_std"],
-        },
-        "graph": graph,
-        "data": {**graph, "energy_reference": "adsorption", "datasets": {}},
-        "rng": None,
-        "best": None,
-    }
+    normalization = {key: stats[key] for key in ("energy_mean", "energy_std")}
+    data = {**graph, "energy_reference": "adsorption", "datasets": {}}
+    state = RunState(
+        config=config,
+        model=model,
+        optimizer=None,
+        scheduler=None,
+        ema=None,
+        normalization=normalization,
+        graph=graph,
+        data=data,
+    ).state_dict()
+    state["rng"] = None  # nothing to resume, and the file stays the same conversion to conversion
+    return state
 
 
 def _json_object(text: str) -> dict:

@@ -66,15 +66,9 @@ def _descriptive(column: str, group: pd.DataFrame) -> str:
         return sources.format_count(sources.parameter_count(model))
     if column == "training_data":
         return f"{group['dataset'].iloc[0]} dataset"
-    if column == "approach":
-        return APPROACHES[_method(group)]
+    if column == "approach":  # IS2RE rows: sources.is2re_method
+        return APPROACHES[group["method"].iloc[0]]
     return MISSING  # e.g. training GPU-days: not measured
-
-
-def _method(group: pd.DataFrame) -> str:
-    """The IS2RE method of our rows' metrics files (relaxation where not recorded)."""
-    method = group["method"].iloc[0] if "method" in group else None
-    return method if isinstance(method, str) else "relaxation"
 
 
 def _paper_method(printed: pd.Series) -> str | None:
@@ -110,7 +104,7 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
             )
         row = {"Model": f"{record['experiment']}/{record['run']} ({record['model']})"}
         if is2re and not has_approach:  # as Table 6: "GemNet-XL (Relax)"
-            row["Model"] += f" ({APPROACH_SUFFIXES[_method(group)]})"
+            row["Model"] += f" ({APPROACH_SUFFIXES[record['method']]})"
         if per_split:
             row = {"Split": group["split_label"].iloc[0], **row}
         for column in meta["columns"]:
@@ -130,7 +124,7 @@ def _ours_rows(meta: dict, metrics: pd.DataFrame, paper: pd.DataFrame, models: p
         if per_split:
             match = match[match["split"] == split_label]
         if is2re:
-            method = _method(group)
+            method = record["method"]
             match = match.loc[[_paper_method(printed) == method for _, printed in match.iterrows()]]
         if model_id is None or match.empty:
             continue

@@ -224,7 +224,7 @@ class RunState:
 
     config: Mapping
     model: Normalized
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None  # None: never trained here (graphpar.convert)
     scheduler: Any  # a torch learning-rate scheduler or None
     ema: EMA | None
     normalization: Mapping[str, float]
@@ -243,7 +243,7 @@ class RunState:
             "epoch": self.progress.epoch,
             "batch_in_epoch": self.progress.batch_in_epoch,
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
             "normalization": dict(self.normalization),
