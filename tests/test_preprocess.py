@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import lzma
+import os
 import pickle
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,15 +21,25 @@ import numpy as np
 import pytest
 import torch
 from ase.build import bulk
-from conftest import bad_structure, tool_env
+from conftest import (
+    SNAKEFILE,
+    SNAKEMAKE,
+    bad_structure,
+    run_snakemake,
+    snakemake_env,
+    tool_env,
+)
 from torch.utils.data import DataLoader
 
+from graphpar.data import lmdb as lmdb_module
 from graphpar.data.dataset import BalancedBatchSampler, LmdbDataset, balanced_partition, collate
 from graphpar.data.graph import TRIPLET_FIELDS, atoms_to_sample, edge_vectors
-from graphpar.data.lmdb import iter_pyg_lmdb
+from graphpar.data.lmdb import ShardedLmdb, ShardWriter, iter_pyg_lmdb, widened, write_metadata
 from graphpar.data.mini import SPLITS, MiniConfig, generate, write_is2re_split, write_s2ef_file
 from graphpar.io import CorruptFileError, count_lines, replace_directory
-from graphpar.preprocess import PreprocessError, main, preprocess, read_txt
+from graphpar.preprocess import PreprocessError, gather, main, plan, preprocess, read_txt, rows_name
+from graphpar.training.checkpoint import read_checkpoint
+from graphpar.training.train import train
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -62,6 +77,14 @@ def processed(raw, tmp_path_factory):
         workers=1,
         ref_energy=True,
         store_triplets="never",
+        progress=False,
+    )
+    preprocess(
+        raw / "s2ef" / "train",
+        out / "s2ef_otf",
+        workers=2,
+        ref_energy=True,
+        storage="on_the_fly",
         progress=False,
     )
     preprocess(raw / "is2re" / "train" / "data.lmdb", out / "is2re", workers=2, progress=False)
@@ -456,3 +479,203 @@ def test_unknown_graph_convention_is_refused(raw, tmp_path):
     with pytest.raises(PreprocessError, match="graph_convention must be one of graphpar, fair"):
         preprocess(raw / "s2ef" / "train", tmp_path / "out", graph_convention="ocp")
     assert not (tmp_path / "out").exists()
+
+
+# ---- storage modes, compact graphs, shards ------------------------------------------------------
+
+
+def test_graphs_on_the_fly_are_the_stored_graphs_bit_for_bit(processed):
+    """Storage on_the_fly keeps structures and labels only; the loader (in its workers) builds
+    graphs and triplets equal to the stored ones, and the per-sample costs agree."""
+    stored = LmdbDataset(processed / "s2ef", triplets=("dimenetpp", "gemnet"))
+    otf = LmdbDataset(processed / "s2ef_otf", triplets=("dimenetpp", "gemnet"))
+    assert otf.metadata["storage"] == "on_the_fly" and stored.metadata["storage"] == "graphs"
+    assert "edge_index" not in ShardedLmdb(processed / "s2ef_otf")[0]  # nothing of the graph
+    for cost in ("atoms", "edges", "triplets_dimenetpp", "triplets_gemnet"):
+        assert np.array_equal(otf.sizes(cost), stored.sizes(cost)), cost
+    loader = DataLoader(otf, batch_size=None, num_workers=2)
+    for built, kept in zip(loader, stored, strict=True):
+        assert sorted(built.keys()) == sorted(kept.keys())
+        for name, value in kept:  # a Data iterates over (key, value)
+            assert value.dtype == built[name].dtype and torch.equal(value, built[name]), name
+
+
+def test_a_training_step_and_an_evaluation_equal_in_both_storage_modes(processed, tmp_path):
+    """The same run on stored graphs and on graphs built by the loader's worker: the same weights
+    after the step and the same validation metrics, bit for bit."""
+    found = {}
+    for mode, split in (("graphs", "s2ef"), ("on_the_fly", "s2ef_otf")):
+        config = {
+            "model": "gemnet-tiny",
+            "train": [str(processed / split)],
+            "val": str(processed / split),
+            "batch_size": 4,
+            "max_steps": 1,
+            "eval_every": 1,
+            "num_workers": 1,
+            "log_every": 1,
+        }
+        final = train(config, tmp_path / mode)
+        lines = (tmp_path / mode / "metrics.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        for record in records:  # how fast, not what was computed
+            record.pop("samples_per_s", None), record.pop("peak_memory_mb", None)
+        found[mode] = (read_checkpoint(final)["model"], records)
+    (graphs_weights, graphs_log), (otf_weights, otf_log) = found["graphs"], found["on_the_fly"]
+    assert graphs_weights.keys() == otf_weights.keys()
+    for name, value in graphs_weights.items():
+        assert torch.equal(value, otf_weights[name]), name
+    assert [r["split"] for r in graphs_log] == ["train", "val"]
+    assert graphs_log == otf_log  # loss, gradient norm, validation MAEs
+
+
+def test_stored_graphs_are_narrow_and_version_1_shards_still_read(processed, tmp_path, monkeypatch):
+    """Integers are stored in the narrowest type that holds them (encoding version 2); a dataset
+    written by the previous version (every integer int64, encoding version 1) reads the same."""
+    reader = ShardedLmdb(processed / "s2ef")
+    raw_sample = reader[0]
+    assert raw_sample["edge_index"].dtype == np.uint8  # < 256 atoms
+    assert raw_sample["cell_offsets"].dtype == np.int8
+    assert raw_sample["idx_kj"].dtype.itemsize <= 2
+    old = tmp_path / "v1"
+    old.mkdir()
+    monkeypatch.setattr(lmdb_module, "ENCODING_VERSION", 1)  # what the previous version wrote
+    with ShardWriter(old / "data.0000.lmdb") as writer:
+        for index in range(len(reader)):
+            writer.append(widened(reader[index]))
+    write_metadata(old, {k: v for k, v in reader.metadata.items() if k not in RESERVED}, {})
+    monkeypatch.undo()
+    assert (old / "data.0000.lmdb").stat().st_size > 2 * shard_bytes(processed / "s2ef")
+    env = lmdb.open(str(old / "data.0000.lmdb"), subdir=False, readonly=True, lock=False)
+    with env, env.begin() as txn:
+        assert int.from_bytes(txn.get(b"0")[6:8], "little") == 1  # the blob's encoding version
+    new = LmdbDataset(processed / "s2ef", triplets=("dimenetpp", "gemnet"))
+    for index, sample in enumerate(LmdbDataset(old, triplets=("dimenetpp", "gemnet"))):
+        for name, value in new[index]:
+            assert value.dtype == sample[name].dtype and torch.equal(value, sample[name]), name
+
+
+RESERVED = ("schema_version", "encoding_version", "length", "shards", "content_sha256")
+
+
+def shard_bytes(directory: Path) -> int:
+    return sum(p.stat().st_size for p in directory.glob("data.*.lmdb"))
+
+
+def test_shards_written_one_by_one_gather_into_the_one_call_dataset(raw, processed, tmp_path):
+    """plan -> shard (each its own command) -> gather builds what one call builds: whole files
+    per shard, the same samples and identity; a missing shard is named, nothing is written."""
+    source = raw / "s2ef" / "train"
+    settings = ["--input", str(source), "--ref-energy", "--store-triplets", "always"]
+    plan_file, shards = tmp_path / "plan.json", tmp_path / "shards"
+    main(["plan", *settings, "--shard-frames", "40", "--out", str(plan_file)])
+    the_plan = json.loads(plan_file.read_text())
+    assert len(the_plan["shards"]) >= 3
+    files = [xyz for shard in the_plan["shards"] for xyz, _ in shard["items"]]
+    assert files == sorted(set(files), key=files.index) and len(files) == len(
+        list(source.glob("*.extxyz.xz"))
+    )  # each file in exactly one shard, in order
+    for index in range(len(the_plan["shards"])):
+        main(["shard", "--plan", str(plan_file), "--index", str(index), "--out", str(shards)])
+    (shards / rows_name(1)).rename(tmp_path / "aside.npz")
+    with pytest.raises(PreprocessError, match=r"shards \[1\] of"):
+        gather(the_plan, shards, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "aside.npz").rename(shards / rows_name(1))
+    main(
+        [
+            "gather",
+            "--plan",
+            str(plan_file),
+            "--shards",
+            str(shards),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert_same_dataset(tmp_path / "out", processed / "s2ef")
+    assert len(json.loads((tmp_path / "out" / "metadata.json").read_text())["shards"]) >= 3
+
+
+def assert_same_dataset(found: Path, expected: Path) -> None:
+    """The same samples, identity and per-sample arrays (sharded alike or not)."""
+    mine, theirs = json.loads((found / "metadata.json").read_text()), LmdbDataset(expected).metadata
+    assert mine["content_sha256"] == theirs["content_sha256"]
+    assert {k: v for k, v in mine.items() if k not in ("shards", "source")} == {
+        k: v for k, v in theirs.items() if k not in ("shards", "source")
+    }
+    with np.load(found / "metadata.npz") as a, np.load(expected / "metadata.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name
+    a, b = ShardedLmdb(found), ShardedLmdb(expected)
+    assert len(a) == len(b)
+    for index in range(len(a)):
+        x, y = a[index], b[index]
+        assert x.keys() == y.keys()
+        assert all(x[k].dtype == y[k].dtype and np.array_equal(x[k], y[k]) for k in x), index
+
+
+def test_storage_options_are_checked(raw, tmp_path):
+    source = raw / "s2ef" / "train"
+    with pytest.raises(PreprocessError, match="storage must be one of graphs, on_the_fly, auto"):
+        plan(source, storage="lazy")
+    with pytest.raises(PreprocessError, match="graph_convention fairchem builds them from float64"):
+        plan(source, storage="on_the_fly", graph_convention="fairchem")
+    small = plan(source)  # auto: a small split keeps its graphs
+    assert small["info"]["storage"] == "graphs"
+
+
+def test_killed_preprocessing_resumes_with_finished_shards_untouched(raw, processed, tmp_path):
+    """The workflow's per-shard jobs (plan checkpoint, one job per shard, gather): Snakemake killed
+    (SIGKILL, with its jobs) after two shards, then rerun: the finished shards are kept as they
+    were (mtimes, inodes) and the dataset equals one uninterrupted preprocessing."""
+    workdir = tmp_path / "run"
+    shutil.copytree(raw, workdir / "resources" / "mini")
+    config = {
+        "experiment": "kill",
+        "dataset": {"source": "mini", "mini": TINY},
+        "preprocess": {"shard_frames": 40, "store_triplets": "always"},
+        "train": {},
+    }
+    (workdir / "config.yaml").write_text(json.dumps(config))
+    target = "resources/mini/lmdb/s2ef/train"
+    shards = workdir / f"{target}.shards"
+    options = ["--configfile", str(workdir / "config.yaml"), "--cores", "1"]
+    options += ["--rerun-triggers", "mtime"]  # the copied raw data has no Snakemake record
+    command = [str(SNAKEMAKE), "--snakefile", str(SNAKEFILE), "--directory", str(workdir)]
+    job = subprocess.Popen(
+        [*command, *options, "--", target],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=snakemake_env(),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(shards.glob("data.*.npz"))) < 2:  # two shards finished (rows last)
+            assert job.poll() is None and time.monotonic() < deadline, "no second shard"
+            time.sleep(0.05)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    assert not (workdir / target).exists()
+    finished = {
+        path.name: (path.stat().st_mtime_ns, path.stat().st_ino)
+        for rows in shards.glob("data.*.npz")
+        for path in (rows, rows.with_suffix(".lmdb"))
+    }
+    the_plan = json.loads((shards / "plan.json").read_text())
+    assert 2 <= len(finished) // 2 < len(the_plan["shards"])
+
+    run_snakemake(workdir, "--configfile", str(workdir / "config.yaml"), "--unlock")
+    run_snakemake(workdir, *options, "--rerun-incomplete", "--", target)
+    for name, (mtime, inode) in finished.items():  # the shards themselves, linked
+        if name.endswith(".lmdb"):
+            kept = (workdir / target / name).stat()
+            assert (kept.st_mtime_ns, kept.st_ino) == (mtime, inode), name
+    assert not list(shards.glob("data.*"))  # temporary: removed once gathered
+    assert not list(shards.glob(".*tmp-*"))  # the killed job's partial shard, cleaned up
+    log = (workdir / "logs" / "preprocess_shard" / "train").iterdir()
+    assert len(list(log)) == len(the_plan["shards"])
+    assert_same_dataset(workdir / target, processed / "s2ef")

@@ -516,8 +516,9 @@ def test_oc20_dry_run_fetches_exactly_the_configured_archives(tmp_path):
     assert counts["extract_oc20_s2ef"] == 6
     assert counts["extract_oc20_s2ef_test"] == 1
     assert counts["extract_oc20_is2re"] == 1
-    # Every S2EF split (2 train, 4 val, 4 test) and every IS2RE split (3 train, 4 val, 4 test).
-    assert counts["preprocess_s2ef"] == 10
+    # Every S2EF split (2 train, 4 val, 4 test), planned (its shards are known once the plan
+    # exists) and gathered, and every IS2RE split (3 train, 4 val, 4 test).
+    assert counts["preprocess_plan"] == counts["preprocess_s2ef"] == 10
     assert counts["preprocess_is2re"] == 11
 
 

@@ -156,16 +156,30 @@ PREPROCESS = config["preprocess"]
 
 
 def preprocess_options(ref_energy):
-    """Command-line options of `python -m graphpar.preprocess` from the preprocess config."""
+    """Command-line options of `python -m graphpar.preprocess` (a plan's settings) from the
+    preprocess config."""
     options = [
         f"--cutoff {PREPROCESS['cutoff']}",
         f"--max-neighbors {PREPROCESS['max_neighbors']}",
+        f"--graph-convention {PREPROCESS['graph_convention']}",
+        f"--storage {PREPROCESS['storage']}",
         f"--store-triplets {PREPROCESS['store_triplets']}",
         f"--triplet-budget-gb {PREPROCESS['triplet_budget_gb']}",
+        f"--shard-frames {PREPROCESS['shard_frames']}",
     ]
     if ref_energy:
         options.append("--ref-energy")
     return " ".join(options)
+
+
+def preprocess_shards(wildcards):
+    """The shard files of an S2EF split, as its plan (checkpoint preprocess_plan) cuts it."""
+    plan_path = checkpoints.preprocess_plan.get(split=wildcards.split).output[0]
+    with open(plan_path) as plan:
+        count = len(json.load(plan)["shards"])
+    folder = Path(plan_path).parent
+    kinds = ("lmdb", "npz")
+    return [f"{folder}/data.{index:04d}.{kind}" for index in range(count) for kind in kinds]
 
 
 # ---- training ---------------------------------------------------------------------------------

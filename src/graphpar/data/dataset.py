@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from graphpar.data.graph import TRIPLET_FAMILIES, attach_triplets
-from graphpar.data.lmdb import ShardedLmdb
+from graphpar.data.graph import TRIPLET_FAMILIES, attach_graph, attach_triplets
+from graphpar.data.lmdb import STORAGE_MODES, ShardedLmdb, widened
 from graphpar.data.sample import Sample
 
 # Per-sample sizes in metadata.npz, by the name a sampler balances on.
@@ -37,8 +37,14 @@ class LmdbDataset(torch.utils.data.Dataset):
     `triplets` names the model families whose triplet fields each sample must carry
     (`graphpar.data.graph.TRIPLET_FIELDS`). Samples stored without them (datasets too large to
     store triplets) get them built here, from the stored edges, by `attach_triplets` as in
-    preprocessing. Safe in DataLoader
-    workers and in several processes: shards open lazily, read-only, per process.
+    preprocessing. Datasets stored without graphs (metadata.json `storage: on_the_fly`) get the
+    graph built here too, by `attach_graph` with the cutoff, max_neighbors and convention the
+    metadata records, from the same float32 positions and with the same code as preprocessing:
+    a sample is the same in both storage modes, bit for bit. In a DataLoader, workers do this
+    building; every rank of a graph-parallel group loads (and builds) the whole batch.
+
+    Integer fields come back as int64 whatever width they are stored in (`widened`). Safe in
+    DataLoader workers and in several processes: shards open lazily, read-only, per process.
     """
 
     def __init__(self, path: str | os.PathLike, triplets: Sequence[str] = ()):
@@ -47,6 +53,15 @@ class LmdbDataset(torch.utils.data.Dataset):
         self.path = path
         self.triplets = tuple(triplets)
         self.lmdb = ShardedLmdb(path)
+        metadata = self.lmdb.metadata
+        self.storage = metadata.get("storage", "graphs")
+        if self.storage not in STORAGE_MODES:
+            raise ValueError(f"{path}: unknown storage {self.storage!r}; not in {STORAGE_MODES}")
+        self.graph = (
+            metadata.get("cutoff"),
+            metadata.get("max_neighbors"),
+            metadata.get("graph_convention", "graphpar"),
+        )
 
     def __len__(self) -> int:
         return len(self.lmdb)
@@ -62,10 +77,12 @@ class LmdbDataset(torch.utils.data.Dataset):
         return np.asarray(self.lmdb.arrays[SIZE_ARRAYS[cost]])
 
     def __getitem__(self, index: int) -> Sample:
-        fields = self.lmdb[index]
+        fields = widened(self.lmdb[index])
         sample = Sample(
             **{name: torch.from_numpy(np.array(value)) for name, value in fields.items()}
         )
+        if self.storage == "on_the_fly":
+            attach_graph(sample, *self.graph)
         return attach_triplets(sample, self.triplets)
 
 

@@ -64,8 +64,19 @@ from graphpar.io import atomic_path, write_json
 SCHEMA_VERSION = 1
 """Version of the dataset layout (metadata.json, key scheme); readers refuse other versions."""
 
-ENCODING_VERSION = 1
-"""Version of the `encode_sample` value format; decoders refuse other versions."""
+ENCODING_VERSION = 2
+"""Version of the `encode_sample` value format written. 2: integer arrays may be narrowed to the
+smallest dtype that holds their values (`narrowed`); readers widen them (`widened`). 1: every
+integer array int64. The blob layout is the same in both."""
+
+READABLE_ENCODING_VERSIONS = (1, 2)
+"""Encoding versions `decode_sample` reads; it refuses others."""
+
+STORAGE_MODES = ("graphs", "on_the_fly")
+"""How a dataset stores its samples (metadata.json `storage`; absent means "graphs"). "graphs":
+with their graphs (and triplets when metadata.json says `triplets_stored`); "on_the_fly": the
+structures and labels only, the loader builds graphs and triplets
+(`graphpar.data.dataset.LmdbDataset`)."""
 
 MAGIC = b"GPSAMP"
 METADATA_JSON = "metadata.json"
@@ -174,10 +185,11 @@ def decode_sample(blob: bytes, *, writable: bool = False) -> dict[str, np.ndarra
     magic, version, header_length, crc = _PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise LmdbFormatError(f"not an encoded sample (magic {magic!r}, expected {MAGIC!r})")
-    if version != ENCODING_VERSION:
+    if version not in READABLE_ENCODING_VERSIONS:
         raise LmdbFormatError(
             f"sample encoding version {version} is not supported (this reader knows "
-            f"{ENCODING_VERSION}); rerun preprocessing or update graphpar"
+            f"{', '.join(map(str, READABLE_ENCODING_VERSIONS))}); rerun preprocessing or update "
+            "graphpar"
         )
     view = memoryview(blob)
     if zlib.crc32(view[_PREFIX.size :]) != crc:
@@ -202,6 +214,39 @@ def decode_sample(blob: bytes, *, writable: bool = False) -> dict[str, np.ndarra
     except (ValueError, TypeError, KeyError) as err:  # JSONDecodeError is a ValueError
         raise LmdbFormatError(f"malformed sample: {err}") from err
     return sample
+
+
+# Integer dtypes `narrowed` chooses from, narrowest first.
+_NARROW_INTEGERS = tuple(np.dtype(t) for t in ("u1", "i1", "<u2", "<i2", "<u4", "<i4", "<i8"))
+
+
+def narrowed(sample: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """`sample` with every integer array in the narrowest dtype that holds its values.
+
+    Node ids of a 73-atom structure fit in uint8, cell offsets in int8, edge ids in uint16: the
+    stored graph of an OC20 frame shrinks 4-8x against int64 (`bench/preprocess.py`). Exact:
+    `widened` gives the int64 values back. Other arrays are returned as they are.
+    """
+    out = {}
+    for name, value in sample.items():
+        array = _as_array(name, value)
+        if array.dtype.kind in "iu":
+            low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+            dtype = next(
+                t for t in _NARROW_INTEGERS if np.iinfo(t).min <= low and high <= np.iinfo(t).max
+            )
+            array = array.astype(dtype, copy=False)
+        out[name] = array
+    return out
+
+
+def widened(sample: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`sample` with every integer array as int64 (undoes `narrowed`; version-1 samples already
+    are). Other arrays are returned as they are."""
+    return {
+        name: value.astype(np.int64) if value.dtype.kind in "iu" else value
+        for name, value in sample.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
