@@ -472,6 +472,22 @@ def test_learning_curve_csv_is_the_training_logs(regenerated):
         assert rows[rows["split"] == "val"]["forces_mae"].tolist() == val
 
 
+def test_gp_learning_curves_coincide_at_every_g(regenerated):
+    """The committed run at G = 1, 2, 4 (bench/gp_learning_curves.py), drawn from the committed
+    file: hundreds of steps, the same loss to float64 rounding for the first 50 steps; then the
+    rounding differences grow, as between any two float64 trajectories, but stay invisible."""
+    data = _figure_csv(regenerated, "gp_learning_curves")
+    runs = json.loads((REPO / "results/benchmarks/gp_learning_curves.json").read_text())["runs"]
+    assert sorted(data["model"].unique()) == sorted(runs) == ["dimenetpp-tiny", "gemnet-tiny"]
+    for model, by_size in runs.items():
+        for size, run in by_size.items():
+            rows = data[(data["model"] == model) & (data["G"] == int(size[2:]))]
+            assert rows["loss"].tolist() == run["loss"] and len(rows) >= 300
+    assert sorted(data["G"].unique()) == [1, 2, 4]
+    assert data[data["step"] <= 50]["relative_difference"].max() < 1e-12
+    assert data["relative_difference"].max() < 1e-3
+
+
 def test_mae_vs_params_csv_is_table1_and_the_metrics(regenerated):
     data = _figure_csv(regenerated, "mae_vs_params")
     paper = sources.paper_table(PAPER, "table1")

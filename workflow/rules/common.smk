@@ -660,6 +660,9 @@ def figure_data(figure):
     if figure == "gp_scaling":
         scaling = folders(sources.scaling_files(results))
         return scaling or [str(p) for p in sorted(Path(REPORT_BENCHMARKS).glob("*.json"))]
+    if figure == "gp_learning_curves":
+        curves = Path(REPORT_BENCHMARKS) / "gp_learning_curves.json"
+        return [str(curves)] if curves.is_file() else []
     if figure == "mae_vs_params":
         paper = [f"{PAPER}/table1.csv", f"{PAPER}/models.csv"]
         return folders(sources.metrics_files(results, "s2ef")) + paper

@@ -19,4 +19,11 @@ TABLES = ("table1", "table2", "table3", "table5", "table6", "table7")  # the pap
 # Ours only: published checkpoints (config `published`) beside the numbers published for them.
 PUBLISHED_TABLE = "published"
 ALL_TABLES = (*TABLES, PUBLISHED_TABLE)
-FIGURES = ("learning_curves", "parity", "threshold_curves", "gp_scaling", "mae_vs_params")
+FIGURES = (
+    "learning_curves",
+    "parity",
+    "threshold_curves",
+    "gp_scaling",
+    "gp_learning_curves",
+    "mae_vs_params",
+)

@@ -10,6 +10,10 @@
   throughput (samples/s) and, from the scaling study, TFLOP/s per GPU against the
   graph-parallel size G, from the scaling study's files (`results/*/scaling/*.json`) when
   present, else from the committed CPU benchmarks (labelled: ranks share cores).
+- `gp_learning_curves`: the training loss of one run at G = 1, 2, 4 graph-parallel ranks
+  (float64) and each step's relative difference from G = 1: the curves coincide; the differences
+  start at float64 rounding and grow as between any two float64 trajectories
+  (bench/gp_learning_curves.py).
 - `mae_vs_params`: force MAE (eV/A) against parameter count, the paper's Table 1 and ours.
 
 A figure whose data is absent still gets drawn (with a note saying what is missing) and an empty
@@ -325,6 +329,65 @@ def gp_scaling(results: Path, paper: Path, benchmarks: Path) -> tuple:
         ax.set_xticks(sizes, [str(size) for size in sizes])
         ax.minorticks_off()
         ax.legend()
+    return fig, data
+
+
+# ---- the same run at G = 1, 2, 4 -------------------------------------------------------------
+
+GP_CURVES = "gp_learning_curves.json"
+
+
+def _gp_curve_data(benchmarks: Path) -> pd.DataFrame:
+    """Long table (model, G, step, loss, relative_difference from G = 1)."""
+    columns = ["model", "G", "step", "loss", "relative_difference"]
+    path = benchmarks / GP_CURVES
+    if not path.is_file():
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for model, by_size in read_json(path)["runs"].items():
+        reference = np.asarray(by_size["G=1"]["loss"])
+        for size, run in by_size.items():
+            loss = np.asarray(run["loss"])
+            relative = np.abs(loss - reference) / np.abs(reference)
+            for step, value, difference in zip(run["step"], loss, relative, strict=True):
+                rows.append(
+                    {
+                        "model": model,
+                        "G": int(size.removeprefix("G=")),
+                        "step": step,
+                        "loss": value,
+                        "relative_difference": difference,
+                    }
+                )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def gp_learning_curves(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = _gp_curve_data(benchmarks)
+    models = sorted(data["model"].unique())
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(4 * (len(models) + 1), 3.4))
+    if data.empty:
+        for ax in axes:
+            _note(ax, f"no {GP_CURVES} (python bench/gp_learning_curves.py)")
+        return fig, data
+    fig.suptitle("one training run at G = 1, 2, 4 graph-parallel ranks (float64)")
+    styles = {1: dict(linewidth=3, alpha=0.35), 2: dict(linestyle="--"), 4: dict(linestyle=":")}
+    for ax, model in zip(axes, models, strict=False):
+        for size, line in data[data["model"] == model].groupby("G", sort=True):
+            ax.plot(line["step"], line["loss"], label=f"G = {size}", **styles.get(size, {}))
+        ax.set(xlabel="step", ylabel="training loss (normalised units)", yscale="log")
+        ax.set_title(model)
+        ax.legend()
+    spread = axes[-1]
+    for (model, size), line in data[data["G"] != 1].groupby(["model", "G"], sort=True):
+        spread.plot(
+            line["step"],
+            line["relative_difference"].clip(lower=1e-18),
+            label=f"{model}, G = {size}",
+        )
+    spread.set(xlabel="step", ylabel="|loss(G) - loss(1)| / loss(1)", yscale="log")
+    spread.set_title("difference from G = 1: rounding, growing (0 drawn at 1e-18)")
+    spread.legend()
     return fig, data
 
 
