@@ -184,6 +184,34 @@ def test_batch_equals_per_structure(max_neighbors):
     assert torch.equal(cell_offsets, torch.cat([p[1] for p in parts]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("max_neighbors", [None, 6, 50])
+def test_numpy_path_on_cpu_equals_the_torch_path_of_other_devices(dtype, max_neighbors):
+    """On the CPU `radius_graph_batch` runs in numpy (graph module, `_NUMPY_ON_CPU`); on a GPU
+    the torch code does: the same edges, order and offsets, bit for bit, alone and batched."""
+    import graphpar.data.graph as graph
+
+    structures = [*STRUCTURES.values(), slab([1, 1, 0]), slab(True), boundary_structure()]
+    structures += [random_structure(10 + k, np.eye(3) * 7 + k * 0.3, True, 30) for k in range(4)]
+    cases = [[atoms] for atoms in structures] + [structures]
+    for case in cases:
+        pos, cell, pbc, natoms = batch_of(case)
+        found = []
+        for numpy_path in (True, False):
+            previous, graph._NUMPY_ON_CPU = graph._NUMPY_ON_CPU, numpy_path
+            try:
+                found.append(
+                    radius_graph_batch(
+                        pos.to(dtype), cell.to(dtype), pbc, natoms, 6.0, max_neighbors
+                    )
+                )
+            finally:
+                graph._NUMPY_ON_CPU = previous
+        for numpy_result, torch_result in zip(*found, strict=True):
+            assert numpy_result.dtype == torch_result.dtype
+            assert torch.equal(numpy_result, torch_result)
+
+
 def brute_dimenet(edge_index, cell_offsets):
     edges = list(zip(*edge_index.tolist(), map(tuple, cell_offsets.tolist()), strict=True))
     triplets = []

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import math
 import multiprocessing
 import os
@@ -214,47 +215,58 @@ def read_s2ef_pair(xyz: Path, txt: Path) -> Iterator[tuple[object, dict]]:
         yield checked(atoms, where), {"sid": sid, "fid": fid, "reference_energy": reference}
 
 
-# ---- one structure --------------------------------------------------------------------------
+# ---- structures -> samples ------------------------------------------------------------------
+
+# Structures whose graphs are built in one call (`attach_graphs`): 1.5x faster per structure
+# than one call each on OC20-size slabs (bench/preprocess.py), the same graphs.
+GRAPH_CHUNK = 8
 
 
-def build_sample(atoms, labels: dict, options: Options) -> tuple[dict, dict]:
-    """One structure -> (fields to store, per-sample metadata row)."""
+def build_samples(structures: list[tuple[object, dict]], options: Options) -> list[tuple]:
+    """(ase.Atoms, labels) each -> (fields to store, per-sample metadata row) each."""
     import torch
 
-    from graphpar.data.graph import atoms_to_sample, triplet_counts
-
-    sample = atoms_to_sample(
-        atoms,
-        cutoff=options.cutoff,
-        max_neighbors=options.max_neighbors,
-        triplets=options.store_triplets,
-        convention=options.graph_convention,
+    from graphpar.data.graph import (
+        atoms_to_sample,
+        attach_graphs,
+        attach_triplets,
+        float64_structure,
+        triplet_counts,
     )
-    fields = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in sample}
-    if options.storage == "on_the_fly":  # the graph is built for its counts only
-        del fields["edge_index"], fields["cell_offsets"]
-    reference = labels.pop("reference_energy", None)
-    if options.ref_energy and "energy" in fields:
-        if reference is None:
-            raise PreprocessError("--ref-energy needs reference energies (S2EF txt files)")
-        fields["energy"] = fields["energy"] - reference
-    fields.update(labels)
 
-    if options.store_triplets:
-        counts = len(sample.idx_kj), len(sample.id3_ba)
-    else:  # counted without building them: the loader builds them when a model needs them
-        num_edges = torch.tensor([sample.edge_index.shape[1]])
-        dimenet, gemnet = triplet_counts(
-            sample.edge_index, sample.cell_offsets, len(atoms), num_edges
-        )
-        counts = int(dimenet[0]), int(gemnet[0])
-    row = {
-        "natoms": len(atoms),
-        "num_edges": sample.edge_index.shape[1],
-        "num_triplets_dimenetpp": counts[0],
-        "num_triplets_gemnet": counts[1],
-    }
-    return fields, row
+    samples = [atoms_to_sample(atoms, graph=False) for atoms, _ in structures]
+    fairchem = options.graph_convention == "fairchem"
+    exact = [float64_structure(atoms) for atoms, _ in structures] if fairchem else None
+    attach_graphs(samples, options.cutoff, options.max_neighbors, options.graph_convention, exact)
+    built = []
+    for sample, (atoms, labels) in zip(samples, structures, strict=True):
+        num_edges = sample.edge_index.shape[1]
+        if options.store_triplets:
+            attach_triplets(sample)
+            counts = len(sample.idx_kj), len(sample.id3_ba)
+        else:  # counted without building them: the loader builds them when a model needs them
+            dimenet, gemnet = triplet_counts(
+                sample.edge_index, sample.cell_offsets, len(atoms), torch.tensor([num_edges])
+            )
+            counts = int(dimenet[0]), int(gemnet[0])
+        fields = {key: value.numpy() if hasattr(value, "numpy") else value for key, value in sample}
+        if options.storage == "on_the_fly":  # the graph is built for its counts only
+            del fields["edge_index"], fields["cell_offsets"]
+        labels = dict(labels)
+        reference = labels.pop("reference_energy", None)
+        if options.ref_energy and "energy" in fields:
+            if reference is None:
+                raise PreprocessError("--ref-energy needs reference energies (S2EF txt files)")
+            fields["energy"] = fields["energy"] - reference
+        fields.update(labels)
+        row = {
+            "natoms": len(atoms),
+            "num_edges": num_edges,
+            "num_triplets_dimenetpp": counts[0],
+            "num_triplets_gemnet": counts[1],
+        }
+        built.append((fields, row))
+    return built
 
 
 def pyg_to_atoms(attributes: dict):
@@ -369,8 +381,8 @@ def triplet_bytes(input_format: str, items: list, options: Options) -> int:
     """Stored size of the triplet fields of the first structure (for the `auto` budget)."""
     from graphpar.data.graph import TRIPLET_FIELDS
 
-    for atoms, labels in read_items(input_format, items):
-        fields, _ = build_sample(atoms, labels, options)
+    for structure in read_items(input_format, items):
+        [(fields, _)] = build_samples([structure], options)
         return sum(fields[name].nbytes for names in TRIPLET_FIELDS.values() for name in names)
     return 0
 
@@ -481,16 +493,17 @@ def write_shard(the_plan: dict, index: int, directory: Path, progress=None) -> N
         for leftover in directory.glob(f".{name}.tmp-*"):
             leftover.unlink()
     rows = {name: [] for name in METADATA_ARRAYS}
+    structures = read_items(the_plan["input_format"], items)
     with ShardWriter(directory / shard_name(index)) as writer:
-        for atoms, labels in read_items(the_plan["input_format"], items):
-            fields, row = build_sample(atoms, labels, options)
-            blob = encode_sample(narrowed(fields))
-            writer.append_encoded(blob)
-            row["crc32"] = sample_crc32(blob)
-            for name, value in row.items():
-                rows[name].append(value)
+        while chunk := list(itertools.islice(structures, GRAPH_CHUNK)):
+            for fields, row in build_samples(chunk, options):
+                blob = encode_sample(narrowed(fields))
+                writer.append_encoded(blob)
+                row["crc32"] = sample_crc32(blob)
+                for name, value in row.items():
+                    rows[name].append(value)
             if progress is not None:
-                progress(1)
+                progress(len(chunk))
     write_npz(directory / rows_name(index), **{k: np.asarray(v, np.int64) for k, v in rows.items()})
 
 

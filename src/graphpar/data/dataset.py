@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
-from graphpar.data.graph import TRIPLET_FAMILIES, attach_graph, attach_triplets
+from graphpar.data.graph import TRIPLET_FAMILIES, attach_graphs, attach_triplets
 from graphpar.data.lmdb import STORAGE_MODES, ShardedLmdb, widened
 from graphpar.data.sample import Sample
 
@@ -38,7 +38,7 @@ class LmdbDataset(torch.utils.data.Dataset):
     (`graphpar.data.graph.TRIPLET_FIELDS`). Samples stored without them (datasets too large to
     store triplets) get them built here, from the stored edges, by `attach_triplets` as in
     preprocessing. Datasets stored without graphs (metadata.json `storage: on_the_fly`) get the
-    graph built here too, by `attach_graph` with the cutoff, max_neighbors and convention the
+    graph built here too, by `attach_graphs` with the cutoff, max_neighbors and convention the
     metadata records, from the same float32 positions and with the same code as preprocessing:
     a sample is the same in both storage modes, bit for bit. In a DataLoader, workers do this
     building; every rank of a graph-parallel group loads (and builds) the whole batch.
@@ -82,7 +82,7 @@ class LmdbDataset(torch.utils.data.Dataset):
             **{name: torch.from_numpy(np.array(value)) for name, value in fields.items()}
         )
         if self.storage == "on_the_fly":
-            attach_graph(sample, *self.graph)
+            attach_graphs([sample], *self.graph)
         return attach_triplets(sample, self.triplets)
 
 
