@@ -12,12 +12,15 @@ read from /proc/self/statm by a background thread every ~1 ms (ru_maxrss cannot 
 glibc is told to return freed memory to the OS (MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_)
 so that RSS follows live tensors. Each rank runs one torch thread.
 
-Communication: bytes are counted by wrapping the collectives `graphpar.parallel.comm` calls
-(all-gather into a tensor, reduce-scatter, all-reduce) during the measured step: the payload
-each rank's call hands to gloo (all-gather: the gathered output buffer; reduce-scatter: the
-padded input buffer; all-reduce: the tensor), not wire bytes of gloo's algorithm. Bytes issued
-inside an interaction block's forward are recorded separately (forward hooks), and the whole
-step's total (forward, force double backward, backward, gradient all-reduce) is given too.
+Communication: bytes are counted by `graphpar.parallel.counting.count_communication`, which every
+collective of `graphpar.parallel` (all-gather, reduce-scatter, all-reduce, in forward and
+backward, and the gradient all-reduce of `sync_gradients`) reports to, during the measured step:
+the payload each rank's call hands to gloo (all-gather: the gathered output buffer;
+reduce-scatter: the padded input buffer; all-reduce: the tensor), not wire bytes of gloo's
+algorithm. Bytes issued inside an interaction block's forward are recorded separately (forward
+hooks), and the whole step's total (forward, force double backward, backward, gradient
+all-reduce) is given too. `graphpar.parallel.predict.predict_step` predicts the same records
+from shapes alone (tests/test_counting.py).
 
 This machine has 2 cores: 4 ranks at once measure memory and exchanged bytes, not speed (the
 step seconds recorded are for information only).
@@ -50,7 +53,8 @@ from machine import cpu_model
 from graphpar.data.dataset import collate
 from graphpar.data.graph import atoms_to_sample
 from graphpar.models import build_model, count_parameters
-from graphpar.parallel import comm, destroy_groups, init_groups, sync_gradients
+from graphpar.parallel import destroy_groups, init_groups, sync_gradients
+from graphpar.parallel.counting import count_communication
 
 OUT = Path(__file__).resolve().parents[1] / "results" / "benchmarks" / "gp_memory.json"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -110,41 +114,26 @@ class PeakRSS:
         self.peak = max(self.peak, rss_bytes())
 
 
-class CommCounter:
-    """Wraps the collectives `graphpar.parallel.comm` calls and counts their payload bytes."""
+class BlockBytes:
+    """Payload bytes of the collectives issued inside the forward of `blocks` (the interaction
+    blocks), read from the records of the active `count_communication` counter."""
 
-    def __init__(self):
-        self.active = False
-        self.in_block = False
-        self.bytes = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-        self.calls = {"all_gather": 0, "reduce_scatter": 0, "all_reduce": 0}
-        self.block_forward_bytes = 0
-        gather, scatter, reduce = (
-            comm._all_gather_single,
-            comm._reduce_scatter_single,
-            dist.all_reduce,
-        )
-
-        def counted(name, fn, which):
-            def wrapper(*args, **kwargs):
-                if self.active:
-                    nbytes = args[which].numel() * args[which].element_size()
-                    self.bytes[name] += nbytes
-                    self.calls[name] += 1
-                    if self.in_block:
-                        self.block_forward_bytes += nbytes
-                return fn(*args, **kwargs)
-
-            return wrapper
-
-        comm._all_gather_single = counted("all_gather", gather, 0)  # output buffer
-        comm._reduce_scatter_single = counted("reduce_scatter", scatter, 1)  # input buffer
-        dist.all_reduce = counted("all_reduce", reduce, 0)  # comm and sync_gradients use it
-
-    def watch_blocks(self, blocks) -> None:
+    def __init__(self, blocks):
+        self.counter = None  # set while the measured step runs
+        self.bytes = 0
+        self._start = None
         for block in blocks:
-            block.register_forward_pre_hook(lambda *_: setattr(self, "in_block", True))
-            block.register_forward_hook(lambda *_: setattr(self, "in_block", False))
+            block.register_forward_pre_hook(self._enter)
+            block.register_forward_hook(self._leave)
+
+    def _enter(self, *_) -> None:
+        if self.counter is not None:
+            self._start = len(self.counter.records)
+
+    def _leave(self, *_) -> None:
+        if self.counter is not None and self._start is not None:
+            self.bytes += sum(r.payload_bytes for r in self.counter.records[self._start :])
+            self._start = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +205,11 @@ def rank_entry(rank, world_size, port, batch_file, family, name, overrides, resu
     )
     try:
         init_groups(world_size)
-        counter = CommCounter()
         torch.manual_seed(0)
         model = build_model(name, **overrides)
         model.train()
         blocks = model.interaction_blocks if family == "dimenetpp" else model.int_blocks
-        counter.watch_blocks(blocks)
+        block_bytes = BlockBytes(blocks)
         params = [p for p in model.parameters() if p.requires_grad]
         batch = torch.load(batch_file, weights_only=False)
         rss_loaded = rss_bytes()
@@ -230,12 +218,12 @@ def rank_entry(rank, world_size, port, batch_file, family, name, overrides, resu
         warmup_s = time.perf_counter() - start
         dist.barrier()
         rss_before = rss_bytes()
-        counter.active = True
         start = time.perf_counter()
-        with PeakRSS() as peak:
+        with PeakRSS() as peak, count_communication() as counter:
+            block_bytes.counter = counter
             training_step(model, family, batch, params)
         step_s = time.perf_counter() - start
-        counter.active = False
+        block_bytes.counter = None
         dist.barrier()
         result = {
             "rank": rank,
@@ -245,9 +233,9 @@ def rank_entry(rank, world_size, port, batch_file, family, name, overrides, resu
             "activation_mb": (peak.peak - rss_before) / MB,
             "warmup_s": warmup_s,
             "step_s": step_s,
-            "comm_bytes_step": dict(counter.bytes),
-            "comm_calls_step": dict(counter.calls),
-            "comm_bytes_interaction_forward": counter.block_forward_bytes,
+            "comm_bytes_step": counter.payload_bytes(),
+            "comm_calls_step": counter.calls(),
+            "comm_bytes_interaction_forward": block_bytes.bytes,
         }
         Path(f"{result_file}.{rank}").write_text(json.dumps(result))
     finally:
@@ -359,11 +347,11 @@ def main(argv=None) -> None:
             "after model and batch loaded and one warm-up step; max over ranks; glibc "
             "MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0",
             "comm_measure": "observed: payload bytes handed to gloo by each rank's "
-            "all_gather_into_tensor (gathered output buffer), reduce_scatter_tensor (padded "
-            "input) and all_reduce (tensor) calls during the measured step, wrapped in "
-            "graphpar.parallel.comm; per interaction block = bytes issued inside interaction "
-            "blocks' forward / num_blocks (max over ranks); step total includes the force "
-            "double backward, backward and the gradient all-reduce",
+            "all-gather (gathered output buffer), reduce-scatter (padded input) and all-reduce "
+            "(tensor) calls during the measured step, recorded by "
+            "graphpar.parallel.counting.count_communication; per interaction block = bytes "
+            "issued inside interaction blocks' forward / num_blocks (max over ranks); step "
+            "total includes the force double backward, backward and the gradient all-reduce",
             "speed": "2 cores shared by up to 4 ranks: step seconds are not a speed result",
         },
         "runs": runs,

@@ -27,10 +27,12 @@ MODELS = ("dimenetpp-tiny", "gemnet-tiny")
 CUTOFF = 4.0
 
 
-def make_model(name: str) -> torch.nn.Module:
-    """A tiny model with random weights everywhere (no zero-initialised output layer)."""
+def make_model(name: str, **overrides) -> torch.nn.Module:
+    """A tiny model with random weights everywhere (no zero-initialised output layer);
+    `overrides` replace its hyperparameters."""
     torch.manual_seed(0)
-    overrides = {"output_initializer": "glorot_orthogonal"} if name.startswith("dimenet") else {}
+    if name.startswith("dimenet"):
+        overrides = {"output_initializer": "glorot_orthogonal", **overrides}
     return build_model(name, cutoff=CUTOFF, **overrides).double().train()
 
 
@@ -84,12 +86,13 @@ STEP_CONFIG = load_config(
 )
 
 
-def train_step(model, batch):
-    """The trainer's `train_step` (unnormalised targets), which synchronises the gradients over
-    G x D: (energy, forces, grads), the gradients as the optimiser step used them."""
+def train_step(model, batch, config=STEP_CONFIG):
+    """The trainer's `train_step` (unnormalised targets; `config`: STEP_CONFIG or a variant of
+    it), which synchronises the gradients over G x D: (energy, forces, grads), the gradients
+    as the optimiser step used them."""
     normalized = Normalized(model)
-    optimizer, _ = build_optimizer(normalized, STEP_CONFIG)
-    result = step.train_step(normalized, batch, optimizer, STEP_CONFIG)
+    optimizer, _ = build_optimizer(normalized, config)
+    result = step.train_step(normalized, batch, optimizer, config)
     grads = {
         name: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
         for name, p in model.named_parameters()
@@ -126,4 +129,50 @@ def run(gp_size: int, sparse: bool) -> dict:
         if sparse:
             for case, sparse_batch in sparse_batches().items():
                 result[f"{name}/{case}"] = train_step(make_model(name), sparse_batch)
+    return result
+
+
+# tests/test_amp_checkpointing.py: the models with recomputed interaction blocks, and in bfloat16.
+RECOMPUTED = {
+    "dimenetpp-tiny": {},  # gradient forces: training takes their double backward
+    "gemnet-tiny": {},  # GemNet-dT: direct forces
+    "gemnet-tiny/gradient-forces": {"direct_forces": False},  # GemNet-T: double backward
+}
+
+
+def interaction_calls(model) -> list[int]:
+    """Counters of each interaction block's forward calls (recomputations included), kept up
+    to date by forward hooks."""
+    blocks = getattr(model, "interaction_blocks", None) or model.int_blocks
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+
+        def count(module, args, index=index):
+            calls[index] += 1
+
+        block.register_forward_pre_hook(count)
+    return calls
+
+
+def run_recomputed(gp_size: int) -> dict:
+    """What one rank runs for tests/test_amp_checkpointing.py: per model, the training step
+    (float64) without and with activation checkpointing, each with its blocks' forward calls;
+    and a float32 step under bfloat16 autocast, without and with checkpointing."""
+    init_groups(gp_size)
+    batch = make_batch(seed=100)
+    recompute = dict(STEP_CONFIG, activation_checkpointing=True)
+    bfloat16 = dict(STEP_CONFIG, dtype="float32", amp="bfloat16")
+    bfloat16_recompute = dict(bfloat16, activation_checkpointing=True)
+    single_precision = step.to_device(make_batch(seed=100), torch.device("cpu"), torch.float32)
+    result = {}
+    for case, overrides in RECOMPUTED.items():
+        name = case.split("/")[0]
+        for key, config in (("plain", STEP_CONFIG), ("recomputed", recompute)):
+            model = make_model(name, **overrides)
+            calls = interaction_calls(model)
+            result[case, key] = train_step(model, batch, config)
+            result[case, key, "calls"] = calls
+        for key, config in (("bfloat16", bfloat16), ("bfloat16/recomputed", bfloat16_recompute)):
+            model = make_model(name, **overrides).float()
+            result[case, key] = train_step(model, single_precision, config)
     return result

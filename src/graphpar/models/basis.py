@@ -169,7 +169,11 @@ class SphericalBasisLayer(nn.Module):
         self.register_buffer("prefactor", torch.as_tensor(prefactor), persistent=False)
 
     def forward(self, dist: Tensor, cos_angle: Tensor, idx_kj: Tensor) -> Tensor:
-        n, k = self.num_spherical, self.num_radial
+        return self.angular(self.radial(dist), cos_angle, idx_kj)
+
+    def radial(self, dist: Tensor) -> Tensor:
+        """The radial part of every edge, u(d) N_ln j_l(z_ln d): [E, num_spherical, num_radial]."""
+        n = self.num_spherical
         dist = dist / self.cutoff
         roots = self.roots.to(dist.dtype)
         # j_l(z_ln d) for every (l, n), order by order (the recurrence for j_l costs l steps).
@@ -180,6 +184,12 @@ class SphericalBasisLayer(nn.Module):
             ],
             dim=1,
         )  # [E, n, k]
-        rbf = self.envelope(dist)[:, None, None] * self.normalizer.to(dist.dtype) * bessel
-        cbf = self.prefactor.to(dist.dtype) * legendre(cos_angle, n)  # [T, n]
-        return (rbf[idx_kj] * cbf[:, :, None]).reshape(-1, n * k)
+        return self.envelope(dist)[:, None, None] * self.normalizer.to(dist.dtype) * bessel
+
+    def angular(self, radial: Tensor, cos_angle: Tensor, idx_kj: Tensor) -> Tensor:
+        """a_SBF of the triplets [T, num_spherical * num_radial] from the edges' `radial` parts
+        [E, num_spherical, num_radial] (`radial`), the triplets' `cos_angle` [T] and input edges
+        `idx_kj` [T]."""
+        n, k = self.num_spherical, self.num_radial
+        cbf = self.prefactor.to(radial.dtype) * legendre(cos_angle, n)  # [T, n]
+        return (radial[idx_kj] * cbf[:, :, None]).reshape(-1, n * k)

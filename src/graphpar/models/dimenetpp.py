@@ -23,6 +23,8 @@ its weights (`graphpar.convert` converts its checkpoints). Differences from PyG/
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,16 @@ from torch.nn import Embedding, Linear
 
 from graphpar.data.graph import edge_vectors, triplet_fields
 from graphpar.models.basis import BesselBasisLayer, SphericalBasisLayer
-from graphpar.models.blocks import atom_structure, renamed, scatter_sum, unwrapped
+from graphpar.models.blocks import (
+    TripletChunk,
+    atom_structure,
+    chunked,
+    recomputed,
+    renamed,
+    scatter_sum,
+    triplet_chunks,
+    unwrapped,
+)
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
@@ -112,6 +123,17 @@ class ResidualLayer(nn.Module):
         return x + self.act(self.lin2(self.act(self.lin1(x))))
 
 
+@dataclass(frozen=True)
+class ChunkedBasis:
+    """The angular basis of a rank's triplets, left unevaluated for the memory-lean triplet path
+    (`DimeNetPlusPlus.triplet_chunk`): each chunk evaluates its triplets' rows."""
+
+    layer: SphericalBasisLayer
+    radial: Tensor  # [E, num_spherical, num_radial]: every edge (`SphericalBasisLayer.radial`)
+    cos_angle: Tensor  # [T_r]: cosine of each of this rank's triplets
+    chunks: list[TripletChunk]  # this rank's output edges with their triplets
+
+
 class InteractionPPBlock(nn.Module):
     """DimeNet++ interaction: message update of every edge j->i from the triplets k->j->i."""
 
@@ -164,13 +186,14 @@ class InteractionPPBlock(nn.Module):
         self,
         x: Tensor,
         rbf: Tensor,
-        sbf: Tensor,
+        sbf: Tensor | ChunkedBasis,
         idx_kj: Tensor,
         idx_ji: Tensor,
         edge_sizes: Sequence[int] | None = None,
     ) -> Tensor:
         """x, rbf: this rank's edges; sbf, idx_ji (local edge ids): its triplets; idx_kj: global
-        edge ids, rows of the gathered x_kj. `edge_sizes`: edges per rank (None: serial)."""
+        edge ids, rows of the gathered x_kj. `edge_sizes`: edges per rank (None: serial).
+        `sbf` as a `ChunkedBasis`: the memory-lean triplet path (`blocks.chunked`)."""
         x_ji = self.act(self.lin_ji(x))
         x_kj = self.act(self.lin_kj(x))
         x_kj = x_kj * self.lin_rbf2(self.lin_rbf1(rbf))
@@ -179,9 +202,14 @@ class InteractionPPBlock(nn.Module):
             # Graph parallel: all-gather of the down-projected input-edge features (the narrowest
             # tensor on the triplet path); backward reduce-scatters into each owner's slice.
             x_kj = gather_for_partitioned(x_kj, edge_sizes)
-        sbf = self.lin_sbf2(self.lin_sbf1(sbf))
-        x_kj = x_kj[idx_kj] * sbf
-        x_kj = scatter_sum(x_kj, idx_ji, x.size(0))
+        weights = (self.lin_sbf1.weight, self.lin_sbf2.weight)
+        if isinstance(sbf, ChunkedBasis):
+            # Triplets chunk by chunk, recomputed in backward: no [triplets x width] tensor kept.
+            chunk_messages = partial(self._chunk_messages, sbf.layer, idx_kj, idx_ji)
+            args = (x_kj, sbf.radial, sbf.cos_angle, *weights)
+            x_kj = chunked(chunk_messages, sbf.chunks, *args)
+        else:
+            x_kj = self.messages(x_kj, sbf, idx_kj, idx_ji, x.size(0), *weights)
         x_kj = self.act(self.lin_up(x_kj))
 
         h = x_ji + x_kj
@@ -191,6 +219,39 @@ class InteractionPPBlock(nn.Module):
         for layer in self.layers_after_skip:
             h = layer(h)
         return h
+
+
+    @staticmethod
+    def messages(
+        x_kj: Tensor,
+        sbf: Tensor,
+        idx_kj: Tensor,
+        idx_ji: Tensor,
+        num_edges: int,
+        w_sbf1: Tensor,
+        w_sbf2: Tensor,
+    ) -> Tensor:
+        """Sum over the triplets k->j->i of x_kj[k->j] * W_sbf2 W_sbf1 a_SBF(kji), into each
+        output edge j->i of `num_edges`: [num_edges, int_emb_size]."""
+        sbf = F.linear(F.linear(sbf, w_sbf1), w_sbf2)
+        return scatter_sum(x_kj[idx_kj] * sbf, idx_ji, num_edges)
+
+    def _chunk_messages(
+        self,
+        layer: SphericalBasisLayer,
+        idx_kj: Tensor,
+        idx_ji: Tensor,
+        chunk: TripletChunk,
+        x_kj: Tensor,
+        radial: Tensor,
+        cos_angle: Tensor,
+        w_sbf1: Tensor,
+        w_sbf2: Tensor,
+    ) -> Tensor:
+        """`messages` into the output edges of one chunk, its basis evaluated here."""
+        kj, ji = idx_kj[chunk.triplets], idx_ji[chunk.triplets] - chunk.edges.start
+        sbf = layer.angular(radial, cos_angle[chunk.triplets], kj)
+        return self.messages(x_kj, sbf, kj, ji, chunk.num_edges, w_sbf1, w_sbf2)
 
 
 class OutputPPBlock(nn.Module):
@@ -277,6 +338,20 @@ class DimeNetPlusPlus(nn.Module):
       on detached positions: the same energies, but forces = -dE/dpos without the derivatives
       through the angles (what OCP's published DimeNet++ models were trained and scored with).
       Leave it off to train: forces are then the full gradient.
+
+    Attribute `activation_checkpointing` (False; the training config's key of that name sets
+    it): keep only each interaction block's inputs and recompute its activations in backward
+    (`graphpar.models.blocks.recomputed`). The same results; the triplet-level tensors of a
+    block live only while that block is (re)computed. Training differentiates the forces
+    (double backward), whose graph holds the recomputed activations until the parameter
+    gradients are taken, so DimeNet++ saves less than GemNet-dT (direct forces).
+
+    Attribute `triplet_chunk` (None; the training config's key of that name sets it): the
+    memory-lean triplet path. Each interaction block computes its triplet messages in chunks of
+    this rank's output edges holding at most this many triplets each, evaluates the angular
+    basis of a chunk's triplets there, and keeps none of it: backward recomputes each chunk,
+    the force's double backward included (`graphpar.models.blocks.chunked`). No
+    [triplets x width] tensor outlives its chunk; the same results. None: the plain path.
     """
 
     # Its triplets: `graphpar.data.graph.TRIPLET_FIELDS["dimenetpp"]`.
@@ -314,6 +389,12 @@ class DimeNetPlusPlus(nn.Module):
         self.out_channels = out_channels
         self.regress_forces = regress_forces
         self.detach_angles = detach_angles
+        # Recompute each interaction block's activations in backward (an attribute, not a
+        # hyperparameter: the training config's `activation_checkpointing` sets it).
+        self.activation_checkpointing = False
+        # The memory-lean triplet path's chunk size, in triplets (None: plain path; an
+        # attribute, set by the training config's `triplet_chunk`).
+        self.triplet_chunk: int | None = None
 
         self.rbf = BesselBasisLayer(num_radial, cutoff, envelope_exponent)
         self.sbf = SphericalBasisLayer(num_spherical, num_radial, cutoff, envelope_exponent)
@@ -406,15 +487,30 @@ class DimeNetPlusPlus(nn.Module):
         cos_angle = (side[t_kj] * side[t_ji]).sum(-1) / (length[t_kj] * length[t_ji])
 
         rbf = self.rbf(dist[edges])
-        sbf = self.sbf(dist, cos_angle, t_kj)
         i_local, j_local = i[edges], j[edges]
+        if self.triplet_chunk is None:
+            sbf = self.sbf(dist, cos_angle, t_kj)
+        else:
+            chunks = triplet_chunks(t_ji_local, i_local.numel(), self.triplet_chunk)
+            sbf = ChunkedBasis(self.sbf, self.sbf.radial(dist), cos_angle, chunks)
 
         x = self.emb(z, rbf, i_local, j_local)
         energy_atoms = self.output_blocks[0](x, rbf, i_local, num_nodes)
         for interaction, output in zip(
             self.interaction_blocks, self.output_blocks[1:], strict=True
         ):
-            x = interaction(x, rbf, sbf, t_kj, t_ji_local, edge_sizes)
+            # Graph parallel: with activation checkpointing, the block's all-gather runs again
+            # when backward recomputes it (models.blocks.recomputed).
+            x = recomputed(
+                interaction,
+                x,
+                rbf,
+                sbf,
+                t_kj,
+                t_ji_local,
+                edge_sizes,
+                enabled=self.activation_checkpointing,
+            )
             energy_atoms = energy_atoms + output(x, rbf, i_local, num_nodes)
 
         energy = scatter_sum(energy_atoms, structure, natoms.numel())

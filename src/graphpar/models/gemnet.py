@@ -36,6 +36,8 @@ import math
 import os
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,8 +45,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphpar.data.graph import edge_vectors, triplet_fields
-from graphpar.models.blocks import atom_structure, renamed, scatter_sum, unwrapped
-from graphpar.models.gemnet_basis import CircularBasis, RadialBasis
+from graphpar.models.blocks import (
+    TripletChunk,
+    atom_structure,
+    chunked,
+    recomputed,
+    renamed,
+    scatter_sum,
+    triplet_chunks,
+    unwrapped,
+)
+from graphpar.models.gemnet_basis import CircularBasis, RadialBasis, real_sph_harm_l0
 from graphpar.parallel import (
     copy_to_partitioned,
     gather_for_partitioned,
@@ -53,6 +64,7 @@ from graphpar.parallel import (
     scale_replicated,
     share_edges,
 )
+from graphpar.parallel.meta import to_meta, values_of
 
 __all__ = [
     "FAIRCHEM_NAME_MAP",
@@ -178,7 +190,11 @@ class EdgeEmbedding(nn.Module):
 
 def ragged_index(id3_ca: Tensor, num_edges: int) -> tuple[Tensor, int]:
     """Position of each triplet among the triplets of its output edge c->a, and the largest
-    number of triplets of one edge (Kmax): the slots of the zero-padded dense layout."""
+    number of triplets of one edge (Kmax): the slots of the zero-padded dense layout. A meta index
+    (shape-only prediction, `graphpar.parallel.predict`) is computed from the values it keeps."""
+    if id3_ca.is_meta:
+        rank, kmax = ragged_index(values_of(id3_ca), num_edges)
+        return to_meta(rank), kmax
     if id3_ca.numel() == 0:
         return id3_ca.clone(), 0
     count = torch.bincount(id3_ca, minlength=num_edges)
@@ -205,10 +221,20 @@ class CircularBasisProjection(nn.Module):
     def forward(
         self, rad: Tensor, sph: Tensor, id3_ca: Tensor, ragged: Tensor, kmax: int
     ) -> tuple[Tensor, Tensor]:
-        rbf_w1 = torch.matmul(rad, self.weight).permute(1, 2, 0)  # [E, C, S]
-        sph_dense = sph.new_zeros(rad.size(0), kmax, sph.size(1))
-        sph_dense[id3_ca, ragged] = sph
-        return rbf_w1, sph_dense.transpose(1, 2)  # [E, C, S], [E, S, Kmax]
+        sph_dense = padded(sph, id3_ca, ragged, rad.size(0), kmax)
+        return self.radial(rad), sph_dense.transpose(1, 2)  # [E, C, S], [E, S, Kmax]
+
+    def radial(self, rad: Tensor) -> Tensor:
+        """rbf_W1 [E, C, S] of the edges' radial parts `rad` [E, R]."""
+        return torch.matmul(rad, self.weight).permute(1, 2, 0)
+
+
+def padded(rows: Tensor, id3_ca: Tensor, ragged: Tensor, num_edges: int, kmax: int) -> Tensor:
+    """Per-triplet `rows` [T, F] in the zero-padded layout [num_edges, Kmax, F]: the triplet of
+    output edge `id3_ca` at slot `ragged` (`ragged_index`)."""
+    dense = rows.new_zeros(num_edges, kmax, rows.size(1))
+    dense[id3_ca, ragged] = rows
+    return dense
 
 
 class BilinearTripletSum(nn.Module):
@@ -228,11 +254,49 @@ class BilinearTripletSum(nn.Module):
         self, basis: tuple[Tensor, Tensor], x_ba: Tensor, id3_ca: Tensor, ragged: Tensor
     ) -> Tensor:
         rbf_w1, sph = basis  # [E, C, S], [E, S, Kmax]
-        x_dense = x_ba.new_zeros(rbf_w1.size(0), sph.size(2), x_ba.size(1))
-        x_dense[id3_ca, ragged] = x_ba  # [E, Kmax, K]
+        x_dense = padded(x_ba, id3_ca, ragged, rbf_w1.size(0), sph.size(2))  # [E, Kmax, K]
+        return self.bilinear(rbf_w1, sph, x_dense, self.weight)
+
+    @staticmethod
+    def bilinear(rbf_w1: Tensor, sph: Tensor, x_dense: Tensor, weight: Tensor) -> Tensor:
+        """The sum over triplets and bases in the padded layout: rbf_w1 [E, C, S], sph
+        [E, S, Kmax], x_dense [E, Kmax, K], weight [K, C, O] -> [E, O]."""
         sum_k = torch.matmul(sph, x_dense)  # [E, S, K]
         rbf_sum_k = torch.matmul(rbf_w1, sum_k)  # [E, C, K]
-        return torch.matmul(rbf_sum_k.permute(2, 0, 1), self.weight).sum(0)  # [E, O]
+        return torch.matmul(rbf_sum_k.permute(2, 0, 1), weight).sum(0)  # [E, O]
+
+    def chunk(
+        self,
+        id3_ba: Tensor,
+        id3_ca: Tensor,
+        ragged: Tensor,
+        num_spherical: int,
+        chunk: TripletChunk,
+        x_ba: Tensor,
+        rbf_w1: Tensor,
+        cos_cab: Tensor,
+        weight: Tensor,
+    ) -> Tensor:
+        """`forward` for the output edges of one chunk (the memory-lean triplet path), with its
+        triplets' Y_l0(cos phi_cab) and padded layout (Kmax of the chunk) made here. x_ba: the
+        input edges' features (gathered), rbf_w1: this rank's edges, cos_cab: its triplets."""
+        t = chunk.triplets
+        ca, slot = id3_ca[t] - chunk.edges.start, ragged[t]
+        sph = real_sph_harm_l0(cos_cab[t], num_spherical)
+        sph = padded(sph, ca, slot, chunk.num_edges, chunk.width).transpose(1, 2)
+        x_dense = padded(x_ba[id3_ba[t]], ca, slot, chunk.num_edges, chunk.width)
+        return self.bilinear(rbf_w1[chunk.edges], sph, x_dense, weight)
+
+
+@dataclass(frozen=True)
+class ChunkedBasis:
+    """The circular basis of a rank's triplets, left unevaluated for the memory-lean triplet path
+    (`GemNetT.triplet_chunk`): each chunk evaluates and pads its triplets' rows."""
+
+    rbf_w1: Tensor  # [E_r, C, S]: this rank's edges (`CircularBasisProjection.radial`)
+    cos_cab: Tensor  # [T_r]: cosine of each of this rank's triplets
+    num_spherical: int
+    chunks: list[TripletChunk]  # this rank's output edges with their triplets
 
 
 class TripletInteraction(nn.Module):
@@ -259,7 +323,8 @@ class TripletInteraction(nn.Module):
 
     def forward(self, m, rbf3, cbf3, id_swap, id3_ba, id3_ca, ragged, edge_sizes=None):
         """m, rbf3, cbf3: this rank's edges; id3_ca, ragged (local edge ids): its triplets;
-        id3_ba, id_swap: global edge ids. `edge_sizes`: edges per rank (None: serial)."""
+        id3_ba, id_swap: global edge ids. `edge_sizes`: edges per rank (None: serial). `cbf3`
+        as a `ChunkedBasis`: the memory-lean triplet path (`blocks.chunked`)."""
         x_ba = self.dense_ba(m)
         x_ba = self.scale_rbf(x_ba * self.mlp_rbf(rbf3), ref=x_ba)
         x_ba = self.down_projection(x_ba)
@@ -267,9 +332,17 @@ class TripletInteraction(nn.Module):
             # Graph parallel: all-gather of the down-projected input-edge features (the narrowest
             # tensor on the triplet path); backward reduce-scatters into each owner's slice.
             x_ba = gather_for_partitioned(x_ba, edge_sizes)
-        x_ba = x_ba[id3_ba]  # per triplet
-        x = self.mlp_cbf(cbf3, x_ba, id3_ca, ragged)
-        x = self.scale_cbf_sum(x, ref=x_ba)
+        if isinstance(cbf3, ChunkedBasis):
+            # Triplets chunk by chunk, recomputed in backward: no [triplets x width] tensor
+            # kept. (The scale factor's reference, x_ba per triplet, is not made: fit the
+            # factors on the plain path.)
+            chunk = partial(self.mlp_cbf.chunk, id3_ba, id3_ca, ragged, cbf3.num_spherical)
+            args = (x_ba, cbf3.rbf_w1, cbf3.cos_cab, self.mlp_cbf.weight)
+            x = self.scale_cbf_sum(chunked(chunk, cbf3.chunks, *args))
+        else:
+            x_ba = x_ba[id3_ba]  # per triplet
+            x = self.mlp_cbf(cbf3, x_ba, id3_ca, ragged)
+            x = self.scale_cbf_sum(x, ref=x_ba)
         x_ca = self.up_projection_ca(x)
         if edge_sizes is not None:
             # Graph parallel: all-gather of the bilinear output, read at the reverse edges.
@@ -431,6 +504,19 @@ class GemNetT(nn.Module):
     `rbf`, `envelope`, `cbf` accept only the OC20 choices: gaussian, polynomial, spherical
     harmonics). Graph arguments (`max_neighbors`, `otf_graph`, `use_pbc`, ...) describe the input
     graph, which comes from the batch.
+
+    Attribute `activation_checkpointing` (False; the training config's key of that name sets
+    it): keep only each interaction block's inputs and recompute its activations, the triplet
+    tensors among them, in backward (`graphpar.models.blocks.recomputed`). The same results.
+
+    Attribute `triplet_chunk` (None; the training config's key of that name sets it): the
+    memory-lean triplet path. Each triplet interaction computes its bilinear triplet sum in
+    chunks of this rank's output edges holding at most this many triplets each (each chunk
+    padded to its own Kmax), evaluates Y_l0 of a chunk's triplets there, and keeps none of it:
+    backward recomputes each chunk, GemNet-T's force double backward included
+    (`graphpar.models.blocks.chunked`). No [triplets x width] tensor outlives its chunk; the
+    same results. ScaleFactor fitting reads a per-triplet reference the lean path does not
+    make: fit on the plain path (None, the default).
     """
 
     # Its symmetric graph and triplets: `graphpar.data.graph.TRIPLET_FIELDS["gemnet"]`.
@@ -493,6 +579,12 @@ class GemNetT(nn.Module):
         self.extensive = extensive
         self.cutoff = cutoff
         self.max_neighbors = max_neighbors
+        # Recompute each interaction block's activations in backward (an attribute, not a
+        # hyperparameter: the training config's `activation_checkpointing` sets it).
+        self.activation_checkpointing = False
+        # The memory-lean triplet path's chunk size, in triplets (None: plain path; an
+        # attribute, set by the training config's `triplet_chunk`).
+        self.triplet_chunk: int | None = None
 
         self.radial_basis = RadialBasis(num_radial, cutoff, exponent)
         self.cbf_basis3 = CircularBasis(num_spherical, num_radial, cutoff, exponent)
@@ -613,20 +705,29 @@ class GemNetT(nn.Module):
         dist, unit = dist[edges], unit[edges]
         ragged, kmax = ragged_index(t_ca_local, dist.size(0))
 
-        rad_cbf3, sph = self.cbf_basis3(dist, cos_cab)
         rbf = self.radial_basis(dist)
         h = self.atom_emb(z)
         # Graph parallel: replicated h enters this rank's edge work (backward: all-reduce).
         m = self.edge_emb(copy_to_partitioned(h), rbf, idx_s, idx_t)
 
         rbf3 = self.mlp_rbf3(rbf)
-        cbf3 = self.mlp_cbf3(rad_cbf3, sph, t_ca_local, ragged, kmax)
+        if self.triplet_chunk is None:
+            rad_cbf3, sph = self.cbf_basis3(dist, cos_cab)
+            cbf3 = self.mlp_cbf3(rad_cbf3, sph, t_ca_local, ragged, kmax)
+        else:
+            rbf_w1 = self.mlp_cbf3.radial(self.cbf_basis3.radial_basis(dist))
+            chunks = triplet_chunks(t_ca_local, dist.size(0), self.triplet_chunk)
+            num_spherical = self.cbf_basis3.num_spherical
+            cbf3 = ChunkedBasis(rbf_w1, cos_cab, num_spherical, chunks)
         rbf_h = self.mlp_rbf_h(rbf)
         rbf_out = self.mlp_rbf_out(rbf)
 
         energy_atoms, force_edges = self.out_blocks[0](m, rbf_out, idx_t, num_atoms)
         for interaction, output in zip(self.int_blocks, self.out_blocks[1:], strict=True):
-            h, m = interaction(
+            # Graph parallel: with activation checkpointing, the block's collectives run again
+            # when backward recomputes it (models.blocks.recomputed).
+            h, m = recomputed(
+                interaction,
                 h,
                 m,
                 rbf3,
@@ -639,6 +740,7 @@ class GemNetT(nn.Module):
                 idx_s,
                 idx_t,
                 edge_sizes,
+                enabled=self.activation_checkpointing,
             )
             e, f = output(m, rbf_out, idx_t, num_atoms)
             energy_atoms = energy_atoms + e

@@ -2,8 +2,12 @@
 data-parallel), communication primitives with the adjoints their consumers need, and balanced
 partitions.
 
-Vocabulary: `groups` (rank, group, G, D), `comm` (replicated vs partitioned tensors),
-`partition` (contiguous slices per rank), `launch` (joining torchrun's processes, `is_main`).
+Vocabulary: `groups` (rank, group, G, D; shape-only mode), `comm` (replicated vs partitioned
+tensors), `partition` (contiguous slices per rank), `launch` (joining torchrun's processes,
+`is_main`), `counting` (the collectives a step issues, with their payload bytes; the FLOPs,
+gathers and scatters it runs), `predict` (both, per rank, from shapes alone on the meta device:
+`graphpar.parallel.predict.predict_step`; imported on demand, as it imports the models), `meta`
+(meta index tensors that keep their values).
 """
 
 from graphpar.parallel.comm import (
@@ -16,7 +20,21 @@ from graphpar.parallel.comm import (
     split,
     sync_gradients,
 )
-from graphpar.parallel.groups import ParallelDims, destroy_groups, get_dims, init_groups
+from graphpar.parallel.counting import (
+    Collective,
+    CommCounter,
+    OpCounter,
+    count_communication,
+    count_operations,
+)
+from graphpar.parallel.groups import (
+    ParallelDims,
+    SimulatedGroup,
+    destroy_groups,
+    get_dims,
+    init_groups,
+    simulate_groups,
+)
 from graphpar.parallel.launch import (
     any_rank,
     broadcast,
@@ -40,14 +58,20 @@ from graphpar.parallel.partition import (
 )
 
 __all__ = [
+    "Collective",
+    "CommCounter",
     "EdgeShare",
     "LocalTriplets",
+    "OpCounter",
     "ParallelDims",
     "Partition",
+    "SimulatedGroup",
     "any_rank",
     "balanced_partition",
     "broadcast",
     "copy_to_partitioned",
+    "count_communication",
+    "count_operations",
     "destroy_groups",
     "dp_sum",
     "gather_for_partitioned",
@@ -66,6 +90,7 @@ __all__ = [
     "scale_replicated",
     "setup_processes",
     "share_edges",
+    "simulate_groups",
     "split",
     "sync_gradients",
     "world_rank",

@@ -31,6 +31,12 @@ graph-parallel group (`graphpar.parallel.groups.init_groups`); with a group of o
 primitive returns its input unchanged, so G = 1 runs the serial model.
 
 Parameter gradients: see `sync_gradients` and `scale_replicated`.
+
+Every collective reports its payload to `graphpar.parallel.counting` before it runs
+(`count_communication` keeps the records); on the `SimulatedGroup`s of shape-only mode
+(`groups.simulate_groups`) nothing is sent and each primitive returns a result of the right shape
+(other ranks' contributions read as zeros), which is how `graphpar.parallel.predict` predicts a
+step's communication from shapes.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ from torch import Tensor, nn
 from torch.autograd import Function
 from torch.distributed import ProcessGroup
 
-from graphpar.parallel.groups import ParallelDims, get_dims
+from graphpar.parallel.counting import record_collective
+from graphpar.parallel.groups import ParallelDims, SimulatedGroup, get_dims
 
 __all__ = [
     "copy_to_partitioned",
@@ -70,6 +77,8 @@ def _resolve(group: ProcessGroup | None) -> tuple[ProcessGroup | None, int, int]
     """(group, its size, this rank's index in it); (None, 1, 0) for the process alone."""
     if group is None:
         group = get_dims().gp_group
+    if isinstance(group, SimulatedGroup):  # shape-only mode (groups.simulate_groups)
+        return group, group.size, group.rank
     if group is None or not dist.is_initialized():
         return None, 1, 0
     return group, dist.get_world_size(group), dist.get_rank(group)
@@ -96,18 +105,30 @@ def _slice(x: Tensor, sizes: tuple[int, ...], rank: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Collectives (no autograd): the only places that talk to torch.distributed
+# Collectives (no autograd): the only places that talk to torch.distributed. Each reports its
+# payload to graphpar.parallel.counting first; on a SimulatedGroup (shape-only mode) nothing is
+# sent and what other ranks would contribute reads as zeros.
 # ----------------------------------------------------------------------------------------------
+
+
+def all_reduce_in_place(x: Tensor, group, primitive: str) -> None:
+    """Sum `x` over `group` in place (a ProcessGroup, or a SimulatedGroup: counted, not sent),
+    reported to `counting` as issued by `primitive`. Payload: the tensor."""
+    record_collective("all_reduce", primitive, x, group)
+    if not isinstance(group, SimulatedGroup):
+        dist.all_reduce(x, group=group)
 
 
 def _all_reduce(x: Tensor, group: ProcessGroup) -> Tensor:
     # Collectives work in place; autograd may still need the input.
     out = x.contiguous().clone()
-    dist.all_reduce(out, group=group)
+    all_reduce_in_place(out, group, "reduce_partial")
     return out
 
 
-def _all_gather(x: Tensor, sizes: tuple[int, ...], rank: int, group: ProcessGroup) -> Tensor:
+def _all_gather(
+    x: Tensor, sizes: tuple[int, ...], rank: int, group: ProcessGroup, primitive: str
+) -> Tensor:
     largest = max(sizes)
     if largest == 0:  # nothing anywhere (every rank knows it: no collective, no zero-size message)
         return x.new_empty((0, *x.shape[1:]))
@@ -116,7 +137,12 @@ def _all_gather(x: Tensor, sizes: tuple[int, ...], rank: int, group: ProcessGrou
     padded = x.new_zeros((largest, *x.shape[1:]))
     padded[: x.shape[0]] = x
     out = x.new_empty((len(sizes) * largest, *x.shape[1:]))
-    _all_gather_single(out, padded, group=group)
+    record_collective("all_gather", primitive, out, group)  # payload: the gathered buffer
+    if isinstance(group, SimulatedGroup):
+        out.zero_()
+        out[rank * largest : (rank + 1) * largest] = padded
+    else:
+        _all_gather_single(out, padded, group=group)
     if min(sizes) == largest:
         return out
     return torch.cat([out[r * largest : r * largest + s] for r, s in enumerate(sizes)])
@@ -134,7 +160,11 @@ def _reduce_scatter(x: Tensor, sizes: tuple[int, ...], rank: int, group: Process
         padded[r * largest : r * largest + s] = x[start : start + s]
         start += s
     out = x.new_empty((largest, *x.shape[1:]))
-    _reduce_scatter_single(out, padded, group=group)
+    record_collective("reduce_scatter", "reduce_scatter", padded, group)  # payload: padded input
+    if isinstance(group, SimulatedGroup):
+        out.copy_(padded[rank * largest : (rank + 1) * largest])
+    else:
+        _reduce_scatter_single(out, padded, group=group)
     return out[: sizes[rank]]
 
 
@@ -193,7 +223,7 @@ class _GatherForReplicated(Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], rank: int, group: ProcessGroup):
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _all_gather(x, sizes, rank, group)
+        return _all_gather(x, sizes, rank, group, "gather_for_replicated")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -207,7 +237,7 @@ class _GatherForPartitioned(Function):
     @staticmethod
     def forward(ctx, x: Tensor, sizes: tuple[int, ...], rank: int, group: ProcessGroup):
         ctx.sizes, ctx.rank, ctx.group = sizes, rank, group
-        return _all_gather(x, sizes, rank, group)
+        return _all_gather(x, sizes, rank, group, "gather_for_partitioned")
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -347,9 +377,9 @@ def sync_gradients(model: nn.Module | Iterable[Tensor], dims: ParallelDims | Non
     for grads in buckets.values():
         flat = torch.cat([g.reshape(-1) for g in grads])
         if dims.gp_group is not None:
-            dist.all_reduce(flat, group=dims.gp_group)
+            all_reduce_in_place(flat, dims.gp_group, "sync_gradients")
         if dims.dp_group is not None:
-            dist.all_reduce(flat, group=dims.dp_group)
+            all_reduce_in_place(flat, dims.dp_group, "sync_gradients")
             flat /= dims.dp_size
         start = 0
         for g in grads:

@@ -18,16 +18,41 @@ Vocabulary (used with exactly these meanings throughout `graphpar.parallel`):
 
 With G = 1, or without `torch.distributed` initialised, the graph-parallel group is the process
 alone (size 1, rank 0) and every collective in `graphpar.parallel.comm` is skipped.
+
+**Shape-only mode** (`simulate_groups`): one process plays one rank of a G x D layout. Its groups
+are `SimulatedGroup`s (a size and this rank's index, no processes behind them): the models
+partition the batch as that rank would, and the primitives report each collective to
+`graphpar.parallel.counting` and return a correctly shaped result without communicating
+(zeros where data would come from other ranks). `graphpar.parallel.predict` runs a step that
+way on the meta device.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
-__all__ = ["ParallelDims", "destroy_groups", "get_dims", "init_groups"]
+__all__ = [
+    "ParallelDims",
+    "SimulatedGroup",
+    "destroy_groups",
+    "get_dims",
+    "init_groups",
+    "simulate_groups",
+]
+
+
+@dataclass(frozen=True)
+class SimulatedGroup:
+    """A group of `size` ranks in shape-only mode, seen from its member `rank`: the primitives
+    of `graphpar.parallel.comm` record what they would send and communicate nothing."""
+
+    size: int
+    rank: int
 
 
 @dataclass(frozen=True)
@@ -41,8 +66,8 @@ class ParallelDims:
     gp_size: int = 1  # G
     dp_size: int = 1  # D
     rank: int = 0  # in the world
-    gp_group: ProcessGroup | None = None
-    dp_group: ProcessGroup | None = None
+    gp_group: ProcessGroup | SimulatedGroup | None = None
+    dp_group: ProcessGroup | SimulatedGroup | None = None
 
     @property
     def world_size(self) -> int:
@@ -130,3 +155,28 @@ def destroy_groups() -> None:
     itself (`torch.distributed.destroy_process_group`) is left to whoever created it."""
     global _DIMS
     _DIMS = ParallelDims()
+
+
+@contextlib.contextmanager
+def simulate_groups(
+    gp_size: int, gp_rank: int = 0, dp_size: int = 1, dp_rank: int = 0
+) -> Iterator[ParallelDims]:
+    """Shape-only mode for the body: this process plays rank (dp_rank, gp_rank) of a G x D
+    layout whose groups are `SimulatedGroup`s (module docstring); the previous layout comes
+    back afterwards. Every primitive then reports its collectives
+    (`graphpar.parallel.counting.count_communication`) and returns shapes, not data."""
+    global _DIMS
+    if gp_size < 1 or dp_size < 1 or not (0 <= gp_rank < gp_size and 0 <= dp_rank < dp_size):
+        raise ValueError(f"no rank ({dp_rank}, {gp_rank}) in a layout of G={gp_size} x D={dp_size}")
+    saved = _DIMS
+    _DIMS = ParallelDims(
+        gp_size=gp_size,
+        dp_size=dp_size,
+        rank=dp_rank * gp_size + gp_rank,
+        gp_group=SimulatedGroup(gp_size, gp_rank) if gp_size > 1 else None,
+        dp_group=SimulatedGroup(dp_size, dp_rank) if dp_size > 1 else None,
+    )
+    try:
+        yield _DIMS
+    finally:
+        _DIMS = saved

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from graphpar.parallel.comm import all_reduce_in_place
 from graphpar.parallel.groups import destroy_groups, get_dims, init_groups
 from graphpar.training.config import TrainingError, layout_error
 
@@ -118,7 +119,7 @@ def dp_sum(value: Tensor) -> Tensor:
     if group is not None:
         value = value.clone()
         # Data parallel: all-reduce (sum) over the D ranks with this rank's gp_rank.
-        dist.all_reduce(value, group=group)
+        all_reduce_in_place(value, group, "dp_sum")
     return value
 
 

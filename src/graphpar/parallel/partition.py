@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from graphpar.parallel.meta import to_meta, values_of
+
 __all__ = [
     "LocalTriplets",
     "Partition",
@@ -141,7 +143,22 @@ def share_edges(
 ) -> EdgeShare:
     """This rank's share of a batch whose triplets are (input edge, output edge) pairs: a
     contiguous slice of the edges balanced by triplet count (`partition_edges`), and the
-    triplets whose output edge it owns (`local_triplets`)."""
+    triplets whose output edge it owns (`local_triplets`).
+
+    Meta tensors (shape-only prediction, `graphpar.parallel.predict`) must know their values
+    (`graphpar.parallel.meta.to_meta`): the share is computed from those, and its index
+    tensors are meta tensors that know theirs."""
+    if input_edge.is_meta or output_edge.is_meta:
+        share = share_edges(
+            values_of(input_edge), values_of(output_edge), num_edges, gp_size, gp_rank
+        )
+        return EdgeShare(
+            share.edges,
+            share.edge_sizes,
+            to_meta(share.input_edge),
+            to_meta(share.output_edge),
+            to_meta(share.output_edge_local),
+        )
     if gp_size == 1:
         return EdgeShare(slice(0, num_edges), None, input_edge, output_edge, output_edge)
     part = partition_edges(output_edge, num_edges, gp_size)

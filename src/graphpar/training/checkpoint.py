@@ -3,9 +3,10 @@ loading a trained model for inference.
 
 A checkpoint is one `torch.save` file (a zip archive) holding `RunState.state_dict()`: the
 config and its hash, the progress (step, epoch, batch in the epoch, best validation), model,
-optimiser, scheduler and EMA states, the normalisation statistics, how the training graphs were
-built, the training data's settings and identities (`graphpar.training.data.data_record`), and
-every random generator's state, so a resumed run continues bit for bit.
+optimiser, scheduler, EMA and (amp float16) gradient-scaler states, the normalisation
+statistics, how the training graphs were built, the training data's settings and identities
+(`graphpar.training.data.data_record`), and every random generator's state, so a resumed run
+continues bit for bit.
 """
 
 from __future__ import annotations
@@ -89,17 +90,31 @@ def _corrupt(path: Path, detail: str | Exception) -> TrainingError:
     )
 
 
+# The DOS directory bit of a zip entry's external attributes: torch's reader (miniz) takes an
+# entry with it set for a directory and reads none of its bytes, leaving the tensor's memory
+# as it was, while Python's zipfile (testzip) ignores the bit.
+_DOS_DIRECTORY = 0x10
+
+
 def _verify_archive(file, path: Path) -> None:
-    """Refuse a checkpoint whose zip archive cannot be read or fails the CRC of a record."""
+    """Refuse a checkpoint whose zip archive cannot be read, fails the CRC of a record, or has
+    a record torch's reader would skip as a directory (torch.save writes none)."""
     try:
         with zipfile.ZipFile(file) as archive:
             bad = archive.testzip()
+            folders = [i.filename for i in archive.infolist() if _is_directory(i)]
     except zipfile.BadZipFile as error:
         raise _corrupt(path, f"truncated or not a checkpoint: {error}") from error
     except Exception as error:  # any other flaw of the archive's bytes
         raise _corrupt(path, error) from error
     if bad is not None:
         raise _corrupt(path, f"record {bad!r} is corrupt: its CRC or header does not match")
+    if folders:
+        raise _corrupt(path, f"record {folders[0]!r} is marked as a directory")
+
+
+def _is_directory(info: zipfile.ZipInfo) -> bool:
+    return info.filename.endswith("/") or bool(info.external_attr & _DOS_DIRECTORY)
 
 
 def _refuse_other_globals(file, path: Path, kind: str) -> None:
@@ -233,6 +248,7 @@ class RunState:
     graph: Mapping[str, Any]
     data: Mapping[str, Any]  # the training data's settings and identities (training.data)
     progress: Progress = field(default_factory=Progress)
+    scaler: torch.amp.GradScaler | None = None  # amp float16's (training.step.grad_scaler)
 
     def state_dict(self) -> dict:
         return {
@@ -246,6 +262,7 @@ class RunState:
             "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
             "ema": None if self.ema is None else self.ema.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "normalization": dict(self.normalization),
             "graph": dict(self.graph),
             "data": dict(self.data),
@@ -261,6 +278,8 @@ class RunState:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.scaler is not None:  # amp float16; the config hash makes the checkpoint's so too
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
         self.progress = Progress(
             state["step"], state["epoch"], state["batch_in_epoch"], state["best"]

@@ -46,6 +46,7 @@ RUNTIME_KEYS = (
     "checkpoint_every",
     "log_every",
     "nodes",  # the same G x D processes on more or fewer nodes compute the same run
+    "activation_checkpointing",  # the same operations, some run twice: the same run
 )
 
 # Each constructor argument of a model family and its annotation there (as a string: the models
@@ -178,6 +179,12 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
         raise TrainingError(f"{where}: scale_factors: model {config['model']} has none (GemNet)")
     if config["scheduler"]["metric"] == "forces_mae" and loss["force_coefficient"] == 0:
         raise TrainingError(f"{where}: scheduler.metric forces_mae needs forces trained")
+    if config["amp"] is not None and config["dtype"] != "float32":
+        raise TrainingError(
+            f"{where}: amp {config['amp']} needs dtype float32 (autocast computes in "
+            f"{config['amp']} only what would be float32; dtype {config['dtype']} is left as "
+            "it is): set dtype float32, or amp null"
+        )
     return config
 
 

@@ -3,11 +3,16 @@
 
 Loss = energy MAE x c_E + force L2-MAE on free atoms x c_F, in normalised units, each term
 divided by its global count (systems, free atoms), so any G x D computes the same gradient.
+
+Precision: parameters, gradients, optimiser and EMA state, the loss and validation are in the
+config's `dtype`; `amp` runs the model's forward pass (the force graph included) under
+`torch.autocast` in bfloat16 or float16, the latter with a gradient scaler (`grad_scaler`).
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 import resource
 from collections.abc import Mapping
@@ -24,6 +29,8 @@ from graphpar.training.ema import EMA
 from graphpar.training.normalization import Normalized, energy_target
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# The config's `amp`: the dtype autocast computes the forward pass in.
+AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def to_device(batch, device: torch.device, dtype: torch.dtype):
@@ -48,6 +55,21 @@ def loss_terms(out: Mapping[str, Tensor], batch, model: Normalized, config: Mapp
     num_free = dp_sum(free.sum().to(std))
     force_error = ((out["forces"][free] - batch.forces[free]) / std).norm(dim=-1)
     return energy_term, force_error.sum() / num_free.clamp(min=1), num_systems
+
+
+def autocast(config: Mapping, device: torch.device):
+    """The forward pass's precision context: torch.autocast in the config's `amp` dtype on
+    `device`'s type, or nothing (amp null). Every rank runs the same, so the collectives inside
+    the model carry tensors of the same dtype on every rank."""
+    if config["amp"] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[config["amp"]])
+
+
+def grad_scaler(config: Mapping, device: torch.device) -> torch.amp.GradScaler | None:
+    """torch's gradient scaler for amp float16 (its state is checkpointed), else None: bfloat16
+    has float32's range, so its gradients neither underflow nor need scaling."""
+    return torch.amp.GradScaler(device.type) if config["amp"] == "float16" else None
 
 
 def build_optimizer(model: Normalized, config: Mapping):
@@ -133,13 +155,24 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     config: Mapping,
     ema: EMA | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimiser step on this rank's share of a global batch (already on the model's device
-    and dtype): forward, loss, backward, gradient synchronisation over G x D, shared-gradient
-    scaling, clipping, AdamW, EMA. A non-finite loss or gradient norm raises TrainingError
-    before the weights change."""
+    and dtype): forward (under the config's autocast, with its activation checkpointing), loss,
+    backward, gradient synchronisation over G x D, shared-gradient scaling, clipping, AdamW,
+    EMA. A non-finite loss or gradient norm raises TrainingError before the weights change;
+    with amp float16 (`scaler`: `grad_scaler(config, device)`, required then) a non-finite
+    gradient instead skips the step and lowers the scale, as torch's GradScaler does."""
+    if config["amp"] == "float16" and scaler is None:
+        raise TrainingError("amp float16 needs a gradient scaler: pass grad_scaler(config, device)")
+    if config["amp"] != "float16" and scaler is not None:
+        raise TrainingError(f"a gradient scaler is for amp float16, not amp {config['amp']}")
     optimizer.zero_grad(set_to_none=True)
-    out = model(batch)
+    # A model attribute, set here so that every caller of the step (trainer, scaling study)
+    # trains with the config's setting.
+    model.model.activation_checkpointing = config["activation_checkpointing"]
+    with autocast(config, batch.pos.device):
+        out = model(batch)
     energy_term, force_term, num_systems = loss_terms(out, batch, model, config)
     loss = config["loss"]["energy_coefficient"] * energy_term
     if force_term is not None:
@@ -149,18 +182,31 @@ def train_step(
     if not torch.isfinite(global_loss):
         raise TrainingError(f"non-finite loss ({float(global_loss)})")
     # sync_gradients averages over D; each rank's loss is its share of the global one.
-    (loss * get_dims().dp_size).backward()
+    loss_for_gradients = loss * get_dims().dp_size
+    if scaler is not None:
+        loss_for_gradients = scaler.scale(loss_for_gradients)
+    loss_for_gradients.backward()
     # Graph parallel and data parallel: gradients summed over G, averaged over D.
     sync_gradients(model)
+    if scaler is not None:
+        # After the sums: every rank unscales the same gradients, so all skip or all step.
+        scaler.unscale_(optimizer)
     if config["shared_gradient_scaling"]:
         scale_shared_gradients(model.model)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     clip = config["clip_grad_norm"]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip else math.inf)
-    if not torch.isfinite(grad_norm):
-        raise TrainingError("non-finite gradient norm")
-    optimizer.step()
-    if ema is not None:
+    if scaler is None:
+        if not torch.isfinite(grad_norm):
+            raise TrainingError("non-finite gradient norm")
+        optimizer.step()
+        stepped = True
+    else:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when unscale_ found a non-finite gradient
+        scaler.update()  # which lowers the scale, and only then
+        stepped = scaler.get_scale() >= scale
+    if ema is not None and stepped:
         ema.update(model)
     return StepResult(
         loss=global_loss,

@@ -86,6 +86,7 @@ from graphpar.training.step import (
     DTYPES,
     StepResult,
     build_optimizer,
+    grad_scaler,
     peak_memory_mb,
     plateau_metric,
     to_device,
@@ -170,6 +171,7 @@ def train_in(
     optimizer, scheduler = build_optimizer(model, config)
     ema = EMA(model, config["ema_decay"]) if config["ema_decay"] is not None else None
     run = RunState(config, model, optimizer, scheduler, ema, stats, data.graph, data.record)
+    run.scaler = grad_scaler(config, device)
     if resumed is not None:
         run.load_state_dict(resumed)
         progress = run.progress
@@ -191,7 +193,7 @@ def train_in(
             warm_up(optimizer, progress.step, config)
             batch = to_device(batch, device, dtype)
             try:
-                result = train_step(model, batch, optimizer, config, ema)
+                result = train_step(model, batch, optimizer, config, ema, run.scaler)
             except TrainingError as error:
                 raise TrainingError(
                     f"{error} at step {progress.step + 1} (epoch {progress.epoch}, batch "
@@ -294,6 +296,8 @@ def train_record(run: RunState, result: StepResult, seconds: float, device) -> d
     }
     if result.force_term is not None:
         record["force_loss"] = float(dp_sum(result.force_term))
+    if run.scaler is not None:
+        record["loss_scale"] = run.scaler.get_scale()  # amp float16: halved at each skipped step
     return record
 
 
