@@ -58,6 +58,13 @@ S2EF_ALL = 133_934_018  # frames (src/graphpar/data/oc20.py CATALOGUE)
 DAY = 86_400
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository when inside it: the committed results name no
+    machine's folders."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def requirements() -> dict:
     """Samples/s each GPU's loader must deliver, from the paper's training costs.
 
@@ -280,7 +287,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "command": " ".join(["python", "bench/loader.py", *sys.argv[1:]]),
         "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            **{k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "cutoff": CUTOFF,
             "max_neighbors": MAX_NEIGHBORS,
             "storage": STORAGE,

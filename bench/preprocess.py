@@ -105,6 +105,13 @@ MODES = {  # name: preprocess settings
 # ---- structures -----------------------------------------------------------------------------
 
 
+def shown(path: Path) -> str:
+    """`path` relative to the repository when inside it: the committed results name no
+    machine's folders."""
+    path = path.resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def make_structures(count: int, seed: int) -> list[Atoms]:
     """OC20-like adslabs with OC20 tags (0 fixed subsurface, 1 surface, 2 adsorbate), fixed
     subsurface atoms, and a single-point energy and forces (random, only stored)."""
@@ -482,7 +489,7 @@ def main(argv=None) -> None:
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
         "command": " ".join(["python", "bench/preprocess.py", *sys.argv[1:]]),
         "settings": {
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            **{k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "cutoff": CUTOFF,
             "max_neighbors": MAX_NEIGHBORS,
             "structures_desc": "fcc(111)/(100)/(211) slabs of 9 metals in 9 sizes + 1 of 12 "

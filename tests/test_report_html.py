@@ -28,6 +28,8 @@ REPORT_TARGETS = ("all", "report")
 # Every rule of the tiny run (.test/config/config.yaml), pipeline and report.
 PIPELINE_RULES = (
     "generate_mini",
+    "preprocess_plan",
+    "preprocess_shard",
     "preprocess_s2ef",
     "preprocess_is2re",
     "fit_scale_factors",

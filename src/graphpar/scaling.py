@@ -57,6 +57,7 @@ from graphpar.training.normalization import build_normalized_model
 from graphpar.training.step import (
     DTYPES,
     build_optimizer,
+    grad_scaler,
     peak_memory_mb,
     to_device,
     train_step,
@@ -86,6 +87,7 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer, _ = build_optimizer(model, config)
     ema = EMA(model, config["ema_decay"]) if config["ema_decay"] is not None else None
+    scaler = grad_scaler(config, device)  # amp float16, as the trainer
     sampler = batch_sampler(config, sizes)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -101,7 +103,7 @@ def measure(config: Mapping, run: str, warmup: int = 3, steps: int = 10) -> dict
     def step() -> None:
         # The trainer's step, data loading included (no learning-rate warmup: it changes no cost).
         batch = to_device(next(batches), device, dtype)
-        losses.append(float(train_step(model, batch, optimizer, config, ema).loss))
+        losses.append(float(train_step(model, batch, optimizer, config, ema, scaler).loss))
 
     for _ in range(warmup):
         step()
