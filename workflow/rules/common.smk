@@ -666,10 +666,21 @@ def figure_data(figure):
     if figure == "mae_vs_params":
         paper = [f"{PAPER}/table1.csv", f"{PAPER}/models.csv"]
         return folders(sources.metrics_files(results, "s2ef")) + paper
+    if figure in ("scaling_model", "memory_model"):  # committed predictions, no rule writes them
+        prediction = Path(REPORT_BENCHMARKS) / f"{figure}.json"
+        return [str(prediction)] if prediction.is_file() else []
     raise ValueError(f"unknown figure {figure!r}")
 
 
 def report_table_inputs(wildcards):
+    from graphpar.report import MODEL_TABLES
+
+    if wildcards.table in MODEL_TABLES:  # committed predictions (bench/scaling_model.py)
+        prediction = Path(REPORT_BENCHMARKS) / f"{wildcards.table}.json"
+        return {
+            "predictions": [str(prediction)] if prediction.is_file() else [],
+            "code": [f"{REPORT_CODE}/tables.py", f"{REPORT_CODE}/sources.py"],
+        }
     if wildcards.table == PUBLISHED_TABLE:  # ours only: no published table of the paper
         return {
             "metrics": folders(sources.metrics_files(Path("results"), "s2ef")),

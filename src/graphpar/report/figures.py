@@ -15,6 +15,13 @@
   start at float64 rounding and grow as between any two float64 trajectories
   (bench/gp_learning_curves.py).
 - `mae_vs_params`: force MAE (eV/A) against parameter count, the paper's Table 1 and ours.
+- `scaling_model`: Fig. 2a predicted: weak-scaling efficiency against GPUs (graph parallel
+  1-8, graph x 32-way data parallel 32-256, data parallel 1-32) for each hardware preset, and
+  the V100 variants, with the paper's three published points
+  (`results/benchmarks/scaling_model.json`, bench/scaling_model.py; `graphpar.scaling_model`).
+- `memory_model`: Table 4 predicted: per-rank memory (GB) against G per model with the 32 GB
+  V100's usable memory, and the model's validation against the measured 1000-atom slab
+  (`results/benchmarks/memory_model.json`).
 
 A figure whose data is absent still gets drawn (with a note saying what is missing) and an empty
 CSV with the header, so every target exists and regenerates the same way.
@@ -432,6 +439,163 @@ def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
     ax.set(xlabel="parameters", ylabel="force MAE (eV/Å)", xscale="log")
     ax.set_title("force MAE against model size (S2EF)")
     ax.legend()
+    return fig, data
+
+
+# ---- Fig. 2a and Table 4 predicted (graphpar.scaling_model) ---------------------------------
+
+SERIES_LABELS = {
+    "gp": "graph parallel (G = 1-8, D = 1)",
+    "gp_dp": "graph x 32-way data parallel",
+    "dp": "data parallel (125M, G = 1)",
+}
+SERIES_MARKERS = {"gp": "o", "gp_dp": "s", "dp": "^"}
+HEADLINE = ("v100-dgx1", "headline")
+
+
+def _scaling_model_data(benchmarks: Path) -> pd.DataFrame:
+    """Long table: preset, variant, series, model, G, D, gpus, efficiency, step_seconds."""
+    columns = ["preset", "variant", "series", "model", "G", "D", "gpus", "efficiency"]
+    columns += ["step_seconds"]
+    record = sources.model_prediction(benchmarks, "scaling_model")
+    rows = []
+    for preset, variants in (record or {}).get("points", {}).items():
+        for variant, points in variants.items():
+            for point in points:
+                rows.append(
+                    {
+                        "preset": preset,
+                        "variant": variant,
+                        "series": point["series"],
+                        "model": point["model"],
+                        "G": point["gp_size"],
+                        "D": point["dp_size"],
+                        "gpus": point["gpus"],
+                        "efficiency": point["efficiency"],
+                        "step_seconds": point["step_seconds"],
+                    }
+                )
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _paper_points(record: dict) -> list[tuple[str, int, float]]:
+    return [
+        (key.split("@")[0], int(key.split("@")[1]), value)
+        for key, value in record["settings"]["paper_points"].items()
+    ]
+
+
+def scaling_model(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = _scaling_model_data(benchmarks)
+    fig, (presets_ax, variants_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    if data.empty:
+        _note(presets_ax, "no scaling_model.json (python bench/scaling_model.py)")
+        _note(variants_ax, "")
+        return fig, data
+    record = sources.model_prediction(benchmarks, "scaling_model")
+    fig.suptitle("Fig. 2a predicted from shapes (graphpar.scaling_model); black: the paper")
+    panels = (
+        (presets_ax, data[data["variant"] == "headline"], "preset", "hardware presets"),
+        (variants_ax, data[data["preset"] == HEADLINE[0]], "variant", f"{HEADLINE[0]} variants"),
+    )
+    for ax, chosen, key, title in panels:
+        for index, (name, group) in enumerate(chosen.groupby(key, sort=False)):
+            color = f"C{index}"
+            bold = name in HEADLINE
+            for series, line in group.groupby("series", sort=False):
+                line = line.sort_values("gpus")
+                ax.plot(
+                    line["gpus"],
+                    100 * line["efficiency"],
+                    marker=SERIES_MARKERS[series],
+                    color=color,
+                    linewidth=2 if bold else 1,
+                    alpha=1 if bold else 0.6,
+                    markersize=4,
+                    label=f"{name}: {SERIES_LABELS[series]}",
+                )
+        for series, gpus, value in _paper_points(record):
+            ax.scatter(
+                [gpus], [100 * value], color="black", marker=SERIES_MARKERS[series], s=60,
+                zorder=5, label=f"paper: {SERIES_LABELS[series]}, {gpus} GPUs",
+            )  # fmt: skip
+        ticks = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+        ax.set(xlabel="GPUs", ylabel="weak-scaling efficiency (%)", xscale="log", ylim=(0, 120))
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.axhline(100, color="grey", linewidth=0.5)
+        ax.set_title(title)
+        ax.legend(fontsize=5, ncol=2)
+    return fig, data
+
+
+def _memory_model_data(benchmarks: Path) -> pd.DataFrame:
+    """Long table: kind (table4 | validation), model, shape, G, component, GB."""
+    columns = ["kind", "model", "shape", "G", "quantity", "GB"]
+    record = sources.model_prediction(benchmarks, "memory_model")
+    rows = []
+    for model, entry in (record or {}).get("table4", {}).items():
+        for shape in ("typical", "large"):
+            for size, parts in entry[shape]["per_rank_bytes"].items():
+                for quantity, value in parts.items():
+                    rows.append(
+                        {"kind": "table4", "model": model, "shape": shape, "G": int(size),
+                         "quantity": quantity, "GB": value / 1e9}
+                    )  # fmt: skip
+    for name, entry in (record or {}).get("validation", {}).items():
+        for row in entry["rows"]:
+            for quantity in ("predicted_mb", "measured_mb"):
+                rows.append(
+                    {"kind": "validation", "model": f"{name} ({entry['config']})",
+                     "shape": "1000-atom slab", "G": row["G"],
+                     "quantity": quantity.removesuffix("_mb"), "GB": row[quantity] * 2**20 / 1e9}
+                )  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def memory_model(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    data = _memory_model_data(benchmarks)
+    fig, (table_ax, check_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    if data.empty:
+        _note(table_ax, "no memory_model.json (python bench/scaling_model.py)")
+        _note(check_ax, "")
+        return fig, data
+    record = sources.model_prediction(benchmarks, "memory_model")
+    fig.suptitle("Table 4 memory predicted (graphpar.scaling_model)")
+    totals = data[(data["kind"] == "table4") & (data["quantity"] == "total")]
+    for index, (model, group) in enumerate(totals.groupby("model", sort=False)):
+        color = f"C{index}"
+        for shape, style in (("typical", "-"), ("large", ":")):
+            line = group[group["shape"] == shape].sort_values("G")
+            ax_label = f"{model} ({shape} batch)" if shape == "typical" else None
+            table_ax.plot(line["G"], line["GB"], style, marker="o", color=color, label=ax_label)
+        paper_g = record["table4"][model]["paper_G"]
+        at_paper = group[(group["shape"] == "typical") & (group["G"] == paper_g)]
+        table_ax.scatter(at_paper["G"], at_paper["GB"], marker="*", s=150, color=color, zorder=5)
+    settings = record["settings"]
+    table_ax.axhline(settings["capacity_bytes"] / 1e9, color="black", label="V100 32 GiB")
+    table_ax.axhline(
+        settings["usable_bytes"] / 1e9, color="black", linestyle="--",
+        label="usable (less context, fragmentation)",
+    )  # fmt: skip
+    sizes = sorted(totals["G"].unique())
+    table_ax.set(xlabel="graph-parallel size G", ylabel="memory per rank (GB)", xscale="log")
+    table_ax.set_xticks(sizes, [str(size) for size in sizes])
+    table_ax.minorticks_off()
+    table_ax.set_title("per-rank memory; star: the paper's G (Table 4); dotted: large batch")
+    table_ax.legend(fontsize=6)
+    checks = data[data["kind"] == "validation"]
+    for index, (model, group) in enumerate(checks.groupby("model", sort=False)):
+        for quantity, style in (("measured", "-"), ("predicted", "--")):
+            line = group[group["quantity"] == quantity].sort_values("G")
+            check_ax.plot(
+                line["G"], line["GB"], style, marker="o", color=f"C{index}",
+                label=f"{model}: {quantity}",
+            )  # fmt: skip
+    check_ax.set(xlabel="graph-parallel size G", ylabel="activation memory per rank (GB)")
+    check_ax.set_xticks([1, 2, 4])
+    check_ax.set_title("validation: 1000-atom slab (bench/gp_memory.py), not fitted")
+    check_ax.legend(fontsize=6)
     return fig, data
 
 

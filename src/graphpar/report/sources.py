@@ -8,7 +8,8 @@ Layout (relative to a results folder, usually `results/`):
   only as `<experiment>/checkpoints/<run>/metrics.jsonl`, read when the first is missing).
 - `<experiment>/predictions/<run>/<task>_<split>.npz`: per-system predictions.
 - `<experiment>/scaling/<run>.json`: a scaling-study measurement (samples/s, memory per GPU).
-- `benchmarks/*.json`: the committed CPU benchmarks.
+- `benchmarks/*.json`: the committed CPU benchmarks, and the committed predictions of the
+  scaling and memory models (`scaling_model.json`, `memory_model.json`, bench/scaling_model.py).
 - `paper/`: the published numbers (tables.json, tableN.csv, models.csv).
 
 Every experiment found is reported, so a colleague's imported results appear beside ours.
@@ -155,6 +156,18 @@ def benchmark_dir(results: Path, fallback: Path | None = None) -> Path:
     if fallback is not None and not any(local.glob("*.json")):
         return Path(fallback)
     return local
+
+
+def committed_benchmarks() -> Path:
+    """The checkout's committed `results/benchmarks` (this file is src/graphpar/report/)."""
+    return Path(__file__).resolve().parents[3] / "results" / "benchmarks"
+
+
+def model_prediction(benchmarks: Path, name: str) -> dict | None:
+    """A committed model prediction, `<benchmarks>/<name>.json` (scaling_model,
+    memory_model), or None when there is none."""
+    path = Path(benchmarks) / f"{name}.json"
+    return read_json(path) if path.is_file() else None
 
 
 # ---- the published numbers --------------------------------------------------------------------

@@ -15,6 +15,10 @@ task is2re, predicted the relaxed energy from the initial structure), in Table 3
 column and, as Table 6 prints it, after the model (`(Relax)`, `(Direct)`). Their relative
 difference is to the paper's row of the same approach: a direct row of a fine-tuned model is
 compared with the paper's `<model>-FT` row (GemNet-XL-FT: GemNet-XL fine-tuned on IS2RE).
+
+The model tables (`scaling_model`, `memory_model`) come from the committed predictions of
+`graphpar.scaling_model` (results/benchmarks/{scaling,memory}_model.json, bench/scaling_model.py):
+the paper's Fig. 2a efficiencies and Table 4 GPU counts beside what the models predict.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from graphpar.io import atomic_path, read_json
-from graphpar.report import ALL_TABLES, PUBLISHED_TABLE, sources
+from graphpar.report import ALL_TABLES, MODEL_TABLES, PUBLISHED_TABLE, sources
 
 MISSING = "n/a"
 # The paper's names of the IS2RE approaches (sources.IS2RE_METHODS): Table 3's Approach column,
@@ -256,11 +260,160 @@ def render_published_markdown(frame: pd.DataFrame) -> str:
     return f"# {PUBLISHED_TITLE}\n\n{body}\n\n" + "".join(f"- {note}\n" for note in notes)
 
 
+# ---- model tables: Fig. 2a and Table 4 predicted ---------------------------------------------
+
+MODEL_TITLES = {
+    "scaling_model": "Fig. 2a: weak-scaling efficiency predicted (graphpar.scaling_model) and "
+    "published",
+    "memory_model": "Table 4: per-rank memory and the smallest G that fits a 32 GB V100, "
+    "predicted (graphpar.scaling_model) and the paper's G",
+}
+POINT_NAMES = {
+    "gp": "graph parallel, 960M",
+    "dp": "data parallel, 125M",
+    "gp_dp": "graph x data parallel, 960M",
+}
+MEMORY_SIZES = ("1", "2", "4", "8")
+
+
+def model_benchmarks(results: Path) -> Path:
+    """Where the model predictions are read: `<results>/benchmarks`, else the checkout's."""
+    return sources.benchmark_dir(Path(results), fallback=sources.committed_benchmarks())
+
+
+def build_scaling_model_table(benchmarks: Path) -> pd.DataFrame:
+    """One row per (paper point, hardware preset, variant): predicted and published efficiency
+    (%), the difference in percentage points and (ours - paper) / paper."""
+    columns = ["Point", "GPUs", "Preset", "Variant", "Predicted [%]", "Paper [%]"]
+    columns += ["Diff. [points]", "rel. diff.", "Source"]
+    record = sources.model_prediction(benchmarks, "scaling_model")
+    rows = []
+    for entry in (record or {}).get("comparison", []):
+        paper = entry["paper"]
+        for key, ours in entry.items():
+            if "/" not in key:
+                continue
+            preset, variant = key.split("/")
+            rows.append(
+                {
+                    "Point": POINT_NAMES[entry["series"]],
+                    "GPUs": str(entry["gpus"]),
+                    "Preset": preset,
+                    "Variant": variant,
+                    "Predicted [%]": f"{100 * ours:.1f}",
+                    "Paper [%]": f"{100 * paper:.0f}",
+                    "Diff. [points]": f"{100 * (ours - paper):+.1f}",
+                    "rel. diff.": _relative(ours, str(paper)),
+                    "Source": "paper section 4.5; ours: scaling_model.json",
+                }
+            )
+    return pd.DataFrame(rows, columns=columns, dtype=str)
+
+
+def build_memory_model_table(benchmarks: Path) -> pd.DataFrame:
+    """One row per Table 4 model: parameters, per-rank GB at G = 1, 2, 4, 8 (typical OC20
+    batch), the smallest G that fits (typical and large batch) and the paper's G."""
+    columns = ["Model", "Params (ours)", "Params (paper)"]
+    columns += [f"GB/rank G={size}" for size in MEMORY_SIZES]
+    columns += ["min. G (typical)", "min. G (large)", "Paper G", "Agrees"]
+    record = sources.model_prediction(benchmarks, "memory_model")
+    rows = []
+    for model, entry in (record or {}).get("table4", {}).items():
+        typical = entry["typical"]
+        row = {
+            "Model": model,
+            "Params (ours)": sources.format_count(entry["parameters"]),
+            "Params (paper)": sources.format_count(int(entry["paper_parameters"])),
+        }
+        for size in MEMORY_SIZES:
+            row[f"GB/rank G={size}"] = f"{typical['per_rank_bytes'][size]['total'] / 1e9:.1f}"
+        minimal = typical["minimal_G"]
+        large = entry["large"]["minimal_G"]
+        row["min. G (typical)"] = MISSING if minimal is None else str(minimal)
+        row["min. G (large)"] = MISSING if large is None else str(large)
+        row["Paper G"] = str(entry["paper_G"])
+        row["Agrees"] = "yes" if minimal == entry["paper_G"] else "no"
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns, dtype=str)
+
+
+def _model_notes(table: str, benchmarks: Path) -> list[str]:
+    record = sources.model_prediction(benchmarks, table)
+    if record is None:
+        return [f"No {table}.json: run `python bench/scaling_model.py`."]
+    if table == "scaling_model":
+        settings = record["settings"]
+        return [
+            f"Efficiency: {settings['efficiency']}.",
+            f"Compute: {settings['sustained_rate']}; nothing is fitted to Fig. 2a.",
+            "Presets: "
+            + "; ".join(
+                f"{name}: {hw['gpu']}, F = {hw['matmul_flops'] / 1e12:.0f} TFLOP/s, HBM "
+                f"{hw['memory_bandwidth'] / 1e9:.0f} GB/s, NVLink "
+                f"{hw['nvlink_bandwidth'] / 1e9:.0f} GB/s per GPU and direction, network "
+                f"{hw['network_bandwidth'] * 8 / 1e9:.0f} Gb/s per node"
+                for name, hw in record["hardware"].items()
+            )
+            + ".",
+            "Variants: headline = the paper's system (fairchem's equal-edge split, DDP "
+            "all-reduce over all ranks overlapped with backward, sampler balanced on "
+            "neighbours); our_partition = our triplet-balanced split; ours_no_overlap = our "
+            "split and sync_gradients after backward; unbalanced = no sampler balancing; "
+            "with_optimiser = AdamW + EMA + clipping on every rank.",
+            "Implied per-node network bandwidth at which the headline model meets the paper "
+            "(a diagnostic, not an input): "
+            + ", ".join(
+                f"{key}: {'n/a' if value is None else f'{value / 1e9:.1f} GB/s'}"
+                for key, value in record.get("implied_network_bandwidth", {}).items()
+            )
+            + ".",
+        ]
+    settings = record["settings"]
+    errors = [
+        f"{name} G={row['G']}: {100 * row['relative_error']:+.1f}%"
+        for name, entry in record["validation"].items()
+        for row in entry["rows"]
+    ]
+    return [
+        "Per rank: "
+        + ", ".join(f"{k} x{v}" for k, v in settings["state_copies_float32"].items())
+        + " float32 copies of the parameters, plus activations (fitted per edge, per triplet, "
+        "per gathered edge and per atom, times the measured peak factor).",
+        f"Fits when the total is at most {settings['usable_bytes'] / 1e9:.1f} GB of the "
+        f"{settings['capacity_bytes'] / 1e9:.1f} GB: less {settings['context_bytes'] / 2**30:.0f}"
+        f" GiB for the CUDA context and {100 * settings['fragmentation']:.0f}% for "
+        "fragmentation (assumed).",
+        f"Batch: {settings['shape_meaning']}.",
+        "Validation on bench/gp_memory.py's 1000-atom slab (activations, max over ranks, not "
+        "fitted): " + ", ".join(errors) + ".",
+    ]
+
+
+def render_model_markdown(table: str, frame: pd.DataFrame, benchmarks: Path) -> str:
+    body = tabulate(
+        frame, headers="keys", tablefmt="github", showindex=False, disable_numparse=True
+    )
+    notes = _model_notes(table, benchmarks)
+    return f"# {MODEL_TITLES[table]}\n\n{body}\n\n" + "".join(f"- {note}\n" for note in notes)
+
+
 def write_table(table: str, results: Path, paper: Path, out_dir: Path) -> dict[str, Path]:
     """Write `<table>.md`, `.csv` and `.tex` into `out_dir` (atomically); returns the paths."""
     if table not in ALL_TABLES:
         raise ValueError(f"unknown table {table!r}; known: {', '.join(ALL_TABLES)}")
-    if table == PUBLISHED_TABLE:
+    if table in MODEL_TABLES:
+        benchmarks = model_benchmarks(Path(results))
+        builder = (
+            build_scaling_model_table if table == "scaling_model" else (build_memory_model_table)
+        )
+        frame = builder(benchmarks)
+        markdown = render_model_markdown(table, frame, benchmarks)
+        latex = tabulate(
+            frame, headers="keys", tablefmt="latex_booktabs", showindex=False,
+            disable_numparse=True,
+        )  # fmt: skip
+        latex = f"% {MODEL_TITLES[table]}; generated by graphpar.report\n{latex}\n"
+    elif table == PUBLISHED_TABLE:
         frame = build_published_table(Path(results))
         markdown = render_published_markdown(frame)
         latex = tabulate(
