@@ -220,7 +220,6 @@ class InteractionPPBlock(nn.Module):
             h = layer(h)
         return h
 
-
     @staticmethod
     def messages(
         x_kj: Tensor,
