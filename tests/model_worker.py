@@ -14,6 +14,7 @@ from ase import Atoms
 from ase.build import add_adsorbate, fcc111, molecule
 from conftest import float64_batch
 
+import graphpar.models.blocks
 import graphpar.models.dimenetpp
 import graphpar.models.gemnet
 from graphpar.models import build_model
@@ -175,4 +176,56 @@ def run_recomputed(gp_size: int) -> dict:
         for key, config in (("bfloat16", bfloat16), ("bfloat16/recomputed", bfloat16_recompute)):
             model = make_model(name, **overrides).float()
             result[case, key] = train_step(model, single_precision, config)
+    return result
+
+
+# tests/test_triplet_chunks.py: the memory-lean triplet path (config key `triplet_chunk`).
+# 300 triplets per chunk: each of make_batch's structures has about 1,000, so several chunks
+# run per rank at G = 1 and G = 2.
+TRIPLET_CHUNK = 300
+
+
+@contextlib.contextmanager
+def counted_chunks():
+    """Both models' `chunked` wrapped to count: {"chunks": chunks per call (per interaction
+    block), "runs": calls of the chunk function (first runs and recomputations)}."""
+    modules = (graphpar.models.dimenetpp, graphpar.models.gemnet)
+    counts = {"chunks": [], "runs": 0}
+
+    def counting(fn, chunks, *inputs):
+        def run_counted(*args):
+            counts["runs"] += 1
+            return fn(*args)
+
+        counts["chunks"].append(len(chunks))
+        return graphpar.models.blocks.chunked(run_counted, chunks, *inputs)
+
+    for m in modules:
+        m.chunked = counting
+    try:
+        yield counts
+    finally:
+        for m in modules:
+            m.chunked = graphpar.models.blocks.chunked
+
+
+def run_chunked(gp_size: int) -> dict:
+    """What one rank runs for tests/test_triplet_chunks.py: per model (RECOMPUTED's cases), the
+    training step (float64) on the plain path, with triplet chunks, and with triplet chunks
+    and activation checkpointing, each chunked step with its counts (`counted_chunks`)."""
+    init_groups(gp_size)
+    batch = make_batch(seed=100)
+    chunk = dict(STEP_CONFIG, triplet_chunk=TRIPLET_CHUNK)
+    configs = {
+        "plain": STEP_CONFIG,
+        "chunked": chunk,
+        "chunked/recomputed": dict(chunk, activation_checkpointing=True),
+    }
+    result = {}
+    for case, overrides in RECOMPUTED.items():
+        name = case.split("/")[0]
+        for key, config in configs.items():
+            with counted_chunks() as counts:
+                result[case, key] = train_step(make_model(name, **overrides), batch, config)
+            result[case, key, "counts"] = counts
     return result

@@ -47,6 +47,7 @@ RUNTIME_KEYS = (
     "log_every",
     "nodes",  # the same G x D processes on more or fewer nodes compute the same run
     "activation_checkpointing",  # the same operations, some run twice: the same run
+    "triplet_chunk",  # a memory setting: the same results, to the rounding of chunked sums
 )
 
 # Each constructor argument of a model family and its annotation there (as a string: the models

@@ -158,19 +158,21 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
     """One optimiser step on this rank's share of a global batch (already on the model's device
-    and dtype): forward (under the config's autocast, with its activation checkpointing), loss,
-    backward, gradient synchronisation over G x D, shared-gradient scaling, clipping, AdamW,
-    EMA. A non-finite loss or gradient norm raises TrainingError before the weights change;
-    with amp float16 (`scaler`: `grad_scaler(config, device)`, required then) a non-finite
-    gradient instead skips the step and lowers the scale, as torch's GradScaler does."""
+    and dtype): forward (under the config's autocast, with its activation checkpointing and
+    triplet chunks), loss, backward, gradient synchronisation over G x D, shared-gradient
+    scaling, clipping, AdamW, EMA. A non-finite loss or gradient norm raises TrainingError
+    before the weights change; with amp float16 (`scaler`: `grad_scaler(config, device)`,
+    required then) a non-finite gradient instead skips the step and lowers the scale, as
+    torch's GradScaler does."""
     if config["amp"] == "float16" and scaler is None:
         raise TrainingError("amp float16 needs a gradient scaler: pass grad_scaler(config, device)")
     if config["amp"] != "float16" and scaler is not None:
         raise TrainingError(f"a gradient scaler is for amp float16, not amp {config['amp']}")
     optimizer.zero_grad(set_to_none=True)
-    # A model attribute, set here so that every caller of the step (trainer, scaling study)
-    # trains with the config's setting.
+    # Model attributes, set here so that every caller of the step (trainer, scaling study)
+    # trains with the config's settings.
     model.model.activation_checkpointing = config["activation_checkpointing"]
+    model.model.triplet_chunk = config["triplet_chunk"]
     with autocast(config, batch.pos.device):
         out = model(batch)
     energy_term, force_term, num_systems = loss_terms(out, batch, model, config)
