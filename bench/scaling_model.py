@@ -42,7 +42,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -55,13 +54,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from machine import cpu_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from graphpar import scaling_model as sm
 from graphpar.data.dataset import collate
 from graphpar.data.graph import atoms_to_sample
 from graphpar.models import count_parameters
-from graphpar.parallel import partition
 from graphpar.parallel.predict import predict_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,45 +123,13 @@ def spread_batches(samples: list, count: int, per_batch: int, seed: int) -> list
 # ---- scaling -------------------------------------------------------------------------------
 
 
-class _ViewElements(TorchDispatchMode):
-    """Elements of `aten._unsafe_view` results: views that `count_operations` counts as
-    element-wise work (they move no data), subtracted from its `other_elements` here."""
-
-    def __init__(self):
-        super().__init__()
-        self.elements = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket is torch.ops.aten._unsafe_view:
-            self.elements += out.numel()
-        return out
-
-
-@contextlib.contextmanager
-def even_edge_partition():
-    """fairchem's split for the duration of the block: G contiguous slices of equal edge
-    count, triplets following their output edge (`partition_edges` with unit costs)."""
-    original = partition.partition_edges
-
-    def even(output_edge, num_edges, num_parts):
-        return partition.balanced_partition(torch.ones(num_edges, dtype=torch.long), num_parts)
-
-    partition.partition_edges = even
-    try:
-        yield
-    finally:
-        partition.partition_edges = original
-
-
 def predict_ranks(model: str, batch, gp_size: int, **kwargs) -> list[dict]:
     """`predict_step`, one rank at a time, as the records the scaling model needs: work (less
-    the views and the flat-buffer copies of `sync_gradients`, which belong to the gradient
-    all-reduce) and graph-parallel collectives."""
+    the flat-buffer copies of `sync_gradients`, which belong to the gradient all-reduce) and
+    graph-parallel collectives."""
     ranks = []
     for rank in range(gp_size):
-        with _ViewElements() as views:
-            (step,) = predict_step(model, batch, gp_size, ranks=[rank], **kwargs)
+        (step,) = predict_step(model, batch, gp_size, ranks=[rank], **kwargs)
         records = step.communication.records
         synced = any(r.primitive == "sync_gradients" for r in records)
         parameters = count_parameters(model)
@@ -173,7 +138,7 @@ def predict_ranks(model: str, batch, gp_size: int, **kwargs) -> list[dict]:
             for key, value in step.operations.as_dict().items()
             if key not in ("index_ops", "matmul_ops")
         }
-        operations["other_elements"] -= views.elements + (2 * parameters if synced else 0)
+        operations["other_elements"] -= 2 * parameters if synced else 0
         collectives = [
             {"kind": r.kind, "group_size": r.group_size, "ring_send_bytes": r.ring_send_bytes}
             for r in records
@@ -206,8 +171,11 @@ def profile_models(batches: list) -> dict:
         for batch in batches:
             (serial,) = predict_ranks(model, batch, 1)
             ours = [serial] if gp_size == 1 else predict_ranks(model, batch, gp_size)
-            with even_edge_partition():
-                even = [serial] if gp_size == 1 else predict_ranks(model, batch, gp_size)
+            even = (
+                [serial]
+                if gp_size == 1
+                else predict_ranks(model, batch, gp_size, partition="edges")
+            )
             entries.append(
                 {
                     **features(batch),

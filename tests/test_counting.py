@@ -233,3 +233,29 @@ def test_every_primitive_counted(ranks):
                 "reduce_scatter",
                 "sync_gradients",
             }, primitives
+
+
+def test_predicted_with_equal_edge_counts_splits_edges_evenly():
+    """`partition="edges"` (fairchem's split, for comparison) gives every rank G-th of the edges
+    and its output edges' triplets, where the default balances triplets; training is left on
+    the triplet balance, and an unknown cost is refused."""
+    batch = mw.make_batch(seed=3)
+    even = predicted_steps(DP_MODEL, batch, 3, partition="edges")
+    balanced = predicted_steps(DP_MODEL, batch, 3)  # after `even`: the default is back
+    edges = [step.edges for step in even]
+    assert max(edges) - min(edges) <= 1
+    assert sum(edges) == sum(step.edges for step in balanced)
+    assert sum(s.triplets for s in even) == sum(s.triplets for s in balanced)
+    assert [s.edges for s in balanced] != edges
+    with pytest.raises(ValueError, match="edge cost must be one of triplets, edges"):
+        predicted_steps("gemnet-tiny", batch, 2, partition="atoms")
+
+
+def test_views_are_not_counted_as_work():
+    """A batched product's reshape (`aten._unsafe_view`, not marked as a view by torch) moves no
+    data: only the product's FLOPs and the addition's elements are counted."""
+    a, b = torch.randn(4, 3, 5), torch.randn(5, 6)
+    with count_operations() as work:
+        (a @ b) + 1.0
+    assert work.matmul_flops == 2 * 4 * 3 * 5 * 6
+    assert work.other_elements == 4 * 3 * 6

@@ -19,7 +19,9 @@ from graphpar.data.dataset import LmdbDataset, collate
 from graphpar.data.mini import SPLITS, MiniConfig, generate
 from graphpar.evaluate import evaluate, evaluate_is2re, evaluate_s2ef
 from graphpar.lock import FolderLocked, folder_lock
+from graphpar.models import count_parameters
 from graphpar.preprocess import preprocess
+from graphpar.provenance import checkpoint_provenance
 from graphpar.relax import evaluate_relaxations
 from graphpar.training.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -104,13 +106,14 @@ def splits(tmp_path_factory):
     return found
 
 
-def untrained_checkpoint(path, model: str, task: str = "s2ef"):
+def untrained_checkpoint(path, model: str, task: str = "s2ef", model_args: dict | None = None):
     """A float64 checkpoint of an untrained tiny model in the format graphpar.training writes,
     recorded as trained on data preprocessed as `splits`' (cutoff 6, 50 neighbours)."""
     settings = {"model": model, "task": task, "train": ["unused"], "max_steps": 1}
     settings["dtype"] = "float64"
+    settings["model_args"] = dict(model_args or {})
     if model.startswith("dimenetpp"):  # random output layers, not zeros
-        settings["model_args"] = {"output_initializer": "glorot_orthogonal"}
+        settings["model_args"]["output_initializer"] = "glorot_orthogonal"
     if task == "is2re":
         settings["loss"] = {"force_coefficient": 0}
     config = load_config(settings)
@@ -204,6 +207,21 @@ def test_g2_x_d2_evaluation_equals_one_process(splits, checkpoints, tmp_path):
             else:
                 np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
     assert sorted(p.name for p in parallel.iterdir()) == sorted(p.name for p in serial.iterdir())
+
+
+def test_provenance_counts_the_evaluated_networks_parameters(splits, checkpoints, tmp_path):
+    """A metrics file records the parameters of the network it evaluated, which a run's
+    model_args (the size ladder's widths) change from the registered configuration's (the
+    report's #Params and size figure read this)."""
+    wider = {"emb_size_atom": 24, "emb_size_edge": 24}
+    cases = {name: (checkpoints[name], task) for name, (task, *_) in CASES.items()}
+    cases["wider"] = (untrained_checkpoint(tmp_path / "w.pt", "gemnet-tiny", "s2ef", wider), "s2ef")
+    for name, (checkpoint, task) in cases.items():
+        state = torch.load(checkpoint, weights_only=False)
+        count = sum(p.numel() for p in load_trained(checkpoint).model.parameters())
+        assert checkpoint_provenance(checkpoint, state, splits[task])["parameters"] == count
+        registered = count_parameters(state["config"]["model"])
+        assert (count == registered) == (name != "wider"), name
 
 
 def test_direct_is2re_metrics_are_the_models_energies_against_the_labels(

@@ -488,21 +488,35 @@ def test_gp_learning_curves_coincide_at_every_g(regenerated):
     assert data["relative_difference"].max() < 1e-3
 
 
-def test_mae_vs_params_csv_is_table1_and_the_metrics(regenerated):
+def test_mae_vs_params_csv_is_tables_1_and_2_and_the_metrics(regenerated):
+    """The size figure's paper column is Table 1's force MAE and Table 2's ADwT and AFbT as
+    printed; its column of ours holds every metrics file's value (IS2RS in %) with the
+    parameter count the file records."""
     data = _figure_csv(regenerated, "mae_vs_params")
-    paper = sources.paper_table(PAPER, "table1")
-    published = data[data["source"] == "paper Table 1 (test)"]
-    assert published["label"].tolist() == paper["model_id"].tolist()
-    assert published["forces_mae"].tolist() == paper["forces_mae"].astype(float).tolist()
-    metrics = sources.read_metrics(regenerated / "results", "s2ef")
-    ours = data[data["source"].str.startswith("ours")]
-    assert len(ours) == metrics.groupby(["run", "split_group"])["forces_mae"].count().gt(0).sum()
-    for row in ours.itertuples():
-        run, model = re.match(r"tiny/(\w+) \(([\w-]+)\)", row.label).groups()
-        split_group = row.source.split(" ")[1].strip("(,")
-        chosen = metrics[(metrics["run"] == run) & (metrics["split_group"] == split_group)]
-        assert row.forces_mae == pytest.approx(chosen["forces_mae"].dropna().mean(), rel=1e-12)
-        assert row.parameters == sources.parameter_count(model)
+    for table, keys in (("table1", ["forces_mae"]), ("table2", ["adwt", "afbt"])):
+        paper = sources.paper_table(PAPER, table)
+        printed = data[data["source"] == f"paper {table.replace('table', 'Table ')} (test)"]
+        for key in keys:
+            rows = printed[printed["metric"] == key]
+            assert rows["label"].tolist() == paper["model_id"].tolist()
+            assert rows["value"].tolist() == paper[key].astype(float).tolist()
+            assert rows["parameters"].tolist() == [sources.parse_count(p) for p in paper["params"]]
+    ours = data[data["panel"] == "ours"]
+    expected = 0
+    for task, key, scale in (
+        ("s2ef", "forces_mae", 1),
+        ("is2rs", "adwt", 100),
+        ("is2rs", "afbt", 100),
+    ):
+        metrics = sources.read_metrics(regenerated / "results", task)
+        expected += int(metrics[key].notna().sum())
+        for row in ours[ours["metric"] == key].itertuples():
+            run, model = re.match(r"tiny/(\w+) \(([\w-]+)\)", row.label).groups()
+            split = row.source.removeprefix("ours (").removesuffix(")")
+            (chosen,) = metrics[(metrics["run"] == run) & (metrics["split"] == split)].itertuples()
+            assert row.value == pytest.approx(float(getattr(chosen, key)) * scale, rel=1e-12)
+            assert row.parameters == chosen.parameters == sources.parameter_count(model)
+    assert len(ours) == expected > 0
 
 
 def test_gp_scaling_csv_is_the_scaling_or_benchmark_files(regenerated):

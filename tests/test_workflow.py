@@ -32,7 +32,7 @@ def test_tiny_run_produces_the_documented_raw_layout(tiny_workflow):
         assert sorted((raw / "s2ef" / split).glob("*.extxyz.xz"))
         assert sorted((raw / "s2ef" / split).glob("*.txt.xz"))
         assert (raw / "is2re" / split / "data.lmdb").is_file()
-    log = (tiny_workflow / "logs" / "generate_mini.log").read_text()
+    log = (tiny_workflow / "logs" / "generate_mini" / "mini.log").read_text()
     assert "mini dataset:" in log
 
 
@@ -310,6 +310,11 @@ TINY_SPLITS = "known: val_id, val_ood_ads, test_ood_cat, test_ood_both"
             "config rehearsal: a rehearsal runs on the embedded data (dataset.source: mini",
             id="rehearsal of OC20",
         ),
+        pytest.param(
+            lambda c: c.update(dataset={"source": "oc20", "name": "oc20-copy"}),
+            "config dataset.name: 'oc20-copy', but OC20 always lives in resources/oc20",
+            id="OC20 renamed",
+        ),
     ],
 )
 def test_inconsistent_config_stops_the_dag_with_the_key_named(tmp_path, edit, message):
@@ -499,6 +504,8 @@ def test_every_shipped_config_validates_and_builds_its_dag(tmp_path, config_file
         assert "extract_oc20_s2ef" in result.stdout
     else:
         assert "generate_mini" in result.stdout
+        name = config["dataset"].get("name") or "mini"  # its own folder (dataset.name)
+        assert f"resources/{name}/manifest.json" in result.stdout
 
 
 def test_oc20_dry_run_fetches_exactly_the_configured_archives(tmp_path):

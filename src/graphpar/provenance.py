@@ -79,15 +79,22 @@ def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str | No
 
 def checkpoint_provenance(checkpoint: Path, state: dict, data: Path) -> dict:
     """Where a metrics file's numbers come from: the checkpoint (`state`: its contents, already
-    read) and its config hash, the preprocessed dataset `data` (its metadata's sha256 and its
-    content identity, `graphpar.data.lmdb.dataset_identity`), this checkout and its packages;
+    read), its config hash, model and parameter count, the preprocessed dataset `data` (its
+    metadata's sha256 and its content identity, `graphpar.data.lmdb.dataset_identity`), this
+    checkout and its packages;
     for a converted published checkpoint (graphpar.convert) also its `source`: the original
     file, its sha256 and, from the workflow, its URL and published numbers (`publication`)."""
+    from graphpar.models import count_parameters  # torch: only where a checkpoint is read
+    from graphpar.training.normalization import model_arguments
+
+    model_config = state["config"]
     found = {
         "checkpoint": str(checkpoint),
         "checkpoint_sha256": sha256_file(checkpoint),
         "config_hash": state["config_hash"],
-        "model": state["config"]["model"],
+        "model": model_config["model"],
+        # The network's own count: a run's model_args (widths) change it from the registry's.
+        "parameters": count_parameters(model_config["model"], **model_arguments(model_config)),
         "step": state["step"],
         "dataset": str(data),
         "dataset_metadata_sha256": sha256_file(data / "metadata.json"),

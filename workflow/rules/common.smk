@@ -92,7 +92,15 @@ if "rehearsal" in config:
 
 
 DATASET = config["dataset"]["source"]
-RAW = f"resources/{DATASET}"  # raw data root; layout in config/README.md
+DATASET_NAME = config["dataset"]["name"] or DATASET
+if DATASET == "oc20" and DATASET_NAME != "oc20":
+    raise ValueError(
+        f"config dataset.name: {DATASET_NAME!r}, but OC20 always lives in resources/oc20 "
+        "(dataset.name names embedded datasets only; leave it null)"
+    )
+RAW = f"resources/{DATASET_NAME}"  # raw data root; layout in config/README.md
+# The embedded dataset generate_mini writes: the configured one (an OC20 config has none).
+MINI = RAW if DATASET == "mini" else "resources/mini"
 OC20 = config["dataset"]["oc20"]
 
 
@@ -138,11 +146,11 @@ def data_targets():
 
 
 def preprocessed_s2ef(split):
-    return f"resources/{DATASET}/lmdb/s2ef/{split}"
+    return f"{RAW}/lmdb/s2ef/{split}"
 
 
 def preprocessed_is2re(split):
-    return f"resources/{DATASET}/lmdb/is2re/{split}"
+    return f"{RAW}/lmdb/is2re/{split}"
 
 
 def preprocess_targets():
@@ -197,7 +205,7 @@ def train_split_dir(run, split):
             f"config train.{run}: split {split!r} is not a {task} split of this dataset "
             f"(known: {', '.join(known)})"
         )
-    return f"resources/{DATASET}/lmdb/{task}/{split}"
+    return f"{RAW}/lmdb/{task}/{split}"
 
 
 def no_nodes_key(name, run_config):

@@ -4,11 +4,11 @@
 
 rule generate_mini:
     output:
-        manifest="resources/mini/manifest.json",
-        s2ef=[directory(f"resources/mini/s2ef/{split}") for split in mini_splits()],
-        is2re=expand("resources/mini/is2re/{split}/data.lmdb", split=mini_splits()),
+        manifest=f"{MINI}/manifest.json",
+        s2ef=[directory(f"{MINI}/s2ef/{split}") for split in mini_splits()],
+        is2re=[f"{MINI}/is2re/{split}/data.lmdb" for split in mini_splits()],
     log:
-        "logs/generate_mini.log",
+        f"logs/generate_mini/{Path(MINI).name}.log",
     conda:
         "../../envs/data.yaml"
     threads: 8

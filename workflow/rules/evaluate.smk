@@ -26,7 +26,7 @@ rule evaluate_s2ef:
         split="|".join(s2ef_eval_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: max(2, cpus_per_node(EVALUATE_SHAPE))
+    threads: cpus_per_node(EVALUATE_SHAPE)
     resources:
         mem_mb=4000,
         runtime=12 * 60,
@@ -66,7 +66,7 @@ rule evaluate_is2re:
         split="|".join(relax_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: max(2, cpus_per_node(EVALUATE_SHAPE))
+    threads: cpus_per_node(EVALUATE_SHAPE)
     resources:
         mem_mb=4000,
         runtime=12 * 60,

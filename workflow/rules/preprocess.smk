@@ -16,9 +16,9 @@ localrules:
 
 checkpoint preprocess_plan:
     input:
-        f"resources/{DATASET}/s2ef/{{split}}",
+        f"{RAW}/s2ef/{{split}}",
     output:
-        f"resources/{DATASET}/lmdb/s2ef/{{split}}.shards/plan.json",
+        f"{RAW}/lmdb/s2ef/{{split}}.shards/plan.json",
     log:
         "logs/preprocess_plan/{split}.log",
     wildcard_constraints:
@@ -35,10 +35,10 @@ checkpoint preprocess_plan:
 
 rule preprocess_shard:
     input:
-        f"resources/{DATASET}/lmdb/s2ef/{{split}}.shards/plan.json",
+        f"{RAW}/lmdb/s2ef/{{split}}.shards/plan.json",
     output:
-        shard=temp(f"resources/{DATASET}/lmdb/s2ef/{{split}}.shards/data.{{index}}.lmdb"),
-        rows=temp(f"resources/{DATASET}/lmdb/s2ef/{{split}}.shards/data.{{index}}.npz"),
+        shard=temp(f"{RAW}/lmdb/s2ef/{{split}}.shards/data.{{index}}.lmdb"),
+        rows=temp(f"{RAW}/lmdb/s2ef/{{split}}.shards/data.{{index}}.npz"),
     log:
         "logs/preprocess_shard/{split}/{index}.log",
     wildcard_constraints:
@@ -57,10 +57,10 @@ rule preprocess_shard:
 
 rule preprocess_s2ef:
     input:
-        plan=f"resources/{DATASET}/lmdb/s2ef/{{split}}.shards/plan.json",
+        plan=f"{RAW}/lmdb/s2ef/{{split}}.shards/plan.json",
         shards=preprocess_shards,
     output:
-        directory(f"resources/{DATASET}/lmdb/s2ef/{{split}}"),
+        directory(f"{RAW}/lmdb/s2ef/{{split}}"),
     log:
         "logs/preprocess_s2ef/{split}.log",
     wildcard_constraints:
@@ -75,9 +75,9 @@ rule preprocess_s2ef:
 
 rule preprocess_is2re:
     input:
-        f"resources/{DATASET}/is2re/{{split}}/data.lmdb",
+        f"{RAW}/is2re/{{split}}/data.lmdb",
     output:
-        directory(f"resources/{DATASET}/lmdb/is2re/{{split}}"),
+        directory(f"{RAW}/lmdb/is2re/{{split}}"),
     log:
         "logs/preprocess_is2re/{split}.log",
     wildcard_constraints:

@@ -25,7 +25,7 @@ rule relax:
         split="|".join(relax_splits()) or "(?!)",
     conda:
         "../../envs/data.yaml"
-    threads: max(2, cpus_per_node(RELAX_SHAPE))
+    threads: cpus_per_node(RELAX_SHAPE)
     resources:
         mem_mb=4000,
         runtime=24 * 60,

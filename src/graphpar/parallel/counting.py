@@ -221,8 +221,11 @@ _SCATTERS = {
     _aten.scatter_.value: ("index", False),
     _aten.embedding_dense_backward.default: ("grad_output", True),
 }
-# Operations that move no data of their own (views, metadata, factories of uninitialised memory).
+# Operations that move no data of their own (views, metadata, factories of uninitialised memory):
+# besides `func.is_view`, the copies that only stand for views, and `_unsafe_view` (the reshape
+# of a fresh result, e.g. of a matrix product: a view that torch's schema does not mark as one).
 _UNCOUNTED_TAGS = (torch.Tag.view_copy,)
+_UNCOUNTED = (torch.ops.aten._unsafe_view,)
 
 
 def _argument(func, args, kwargs, name: str):
@@ -289,6 +292,7 @@ class _IndexOpMode(TorchDispatchMode):
             counter.by_op[name] += moved.numel()
         elif not (
             func.is_view
+            or func.overloadpacket in _UNCOUNTED
             or func.overloadpacket in flop_registry  # matrix products: FlopCounterMode's
             or any(tag in func.tags for tag in _UNCOUNTED_TAGS)
         ):

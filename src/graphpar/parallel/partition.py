@@ -10,10 +10,16 @@ triplet belongs to the rank that owns its *output* edge (DimeNet++ `idx_ji`, Gem
 so the cost of an edge is the number of triplets it is the output edge of, and each rank's
 triplets read their input edges (`idx_kj`, `id3_ba`) from the gathered, full edge tensor
 (`comm.gather_for_partitioned`), wherever those edges live.
+
+`edge_costs("edges")` switches, for the duration of a block, to fairchem's split (G slices of
+equal edge count, triplets still following their output edge): `predict_step(...,
+partition="edges")` uses it to compare the two balances; training always balances triplets.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +31,9 @@ __all__ = [
     "LocalTriplets",
     "Partition",
     "EdgeShare",
+    "EDGE_COSTS",
     "balanced_partition",
+    "edge_costs",
     "local_triplets",
     "partition_atoms",
     "partition_edges",
@@ -86,12 +94,34 @@ def balanced_partition(cost: Tensor, num_parts: int) -> Partition:
     return Partition((0, *torch.cumsum(sizes, 0).tolist()))
 
 
+# What an edge costs when edges are partitioned: "triplets" (the number of triplets it is the
+# output edge of: ours) or "edges" (1 each: fairchem's equal edge counts).
+EDGE_COSTS = ("triplets", "edges")
+_edge_cost = "triplets"
+
+
+@contextlib.contextmanager
+def edge_costs(cost: str) -> Iterator[None]:
+    """Partition edges by `cost` (one of EDGE_COSTS) inside the block (module docstring)."""
+    global _edge_cost
+    if cost not in EDGE_COSTS:
+        raise ValueError(f"edge cost must be one of {', '.join(EDGE_COSTS)}, not {cost!r}")
+    before, _edge_cost = _edge_cost, cost
+    try:
+        yield
+    finally:
+        _edge_cost = before
+
+
 def partition_edges(output_edge: Tensor, num_edges: int, num_parts: int) -> Partition:
     """Edges balanced by triplet count: the cost of an edge is the number of triplets whose
-    output edge it is (`output_edge` = DimeNet++ `idx_ji` or GemNet `id3_ca`)."""
+    output edge it is (`output_edge` = DimeNet++ `idx_ji` or GemNet `id3_ca`); by edge count
+    inside `edge_costs("edges")`."""
     cost = torch.bincount(output_edge.reshape(-1).cpu(), minlength=num_edges)
     if cost.numel() != num_edges:
         raise ValueError(f"output edge ids reach {cost.numel() - 1}, only {num_edges} edges")
+    if _edge_cost == "edges":
+        cost = torch.ones(num_edges, dtype=torch.long)
     return balanced_partition(cost, num_parts)
 
 

@@ -54,7 +54,7 @@ from graphpar.parallel.counting import CommCounter, OpCounter, count_communicati
 from graphpar.parallel.groups import simulate_groups
 from graphpar.parallel.launch import dp_sum
 from graphpar.parallel.meta import to_meta, values_of
-from graphpar.parallel.partition import share_edges
+from graphpar.parallel.partition import edge_costs, share_edges
 from graphpar.training.normalization import Normalized
 
 __all__ = ["RankStep", "meta_batch", "meta_model", "predict_step"]
@@ -197,6 +197,7 @@ def predict_step(
     activation_checkpointing: bool = False,
     ranks: Iterable[int] | None = None,
     operations: bool = True,
+    partition: str = "triplets",
 ) -> list[RankStep]:
     """Predict, from shapes alone, the collectives and the work of each rank of a graph-parallel
     group of `gp_size` (G) ranks (in a G x `dp_size` layout) for one step on `batch`.
@@ -218,6 +219,9 @@ def predict_step(
         ranks: the graph-parallel ranks to predict (default all G).
         operations: count the work too (about half the time of a prediction on the meta
             device); False leaves `RankStep.operations` None.
+        partition: what an edge costs when the edges are split over the G ranks
+            (`partition.edge_costs`): "triplets" as training does, or "edges", fairchem's
+            equal edge counts, to compare the two balances.
 
     Returns one `RankStep` per rank asked for, in order: `communication.records` are exactly the
     collectives a real run of the same step issues on that rank, and `operations` its matrix
@@ -249,42 +253,43 @@ def predict_step(
         + [value for _, value in batch_meta if isinstance(value, Tensor)]
     }
     results = []
-    for gp_rank in range(gp_size) if ranks is None else ranks:
-        share = share_edges(input_edge, output_edge, num_edges, gp_size, gp_rank)
-        for p in normalized.parameters():
-            p.grad = None
-        counts = {
-            "triplets": int(share.output_edge.numel()),
-            "edges": share.edges.stop - share.edges.start,
-            "all_edges": num_edges,
-            "atoms": num_atoms,
-        }
-        with (
-            simulate_groups(gp_size, gp_rank, dp_size),
-            count_communication() as communication,
-            count_operations() if operations else contextlib.nullcontext() as work,
-        ):
-            with _saved_activations(not_activations, counts) as saved:
+    with edge_costs(partition):
+        for gp_rank in range(gp_size) if ranks is None else ranks:
+            share = share_edges(input_edge, output_edge, num_edges, gp_size, gp_rank)
+            for p in normalized.parameters():
+                p.grad = None
+            counts = {
+                "triplets": int(share.output_edge.numel()),
+                "edges": share.edges.stop - share.edges.start,
+                "all_edges": num_edges,
+                "atoms": num_atoms,
+            }
+            with (
+                simulate_groups(gp_size, gp_rank, dp_size),
+                count_communication() as communication,
+                count_operations() if operations else contextlib.nullcontext() as work,
+            ):
+                with _saved_activations(not_activations, counts) as saved:
+                    if training:
+                        out = normalized(batch_meta)
+                        loss = _loss(out, batch_meta, normalized, num_graphs, free_ids)
+                    else:
+                        with torch.no_grad():
+                            normalized(batch_meta)
                 if training:
-                    out = normalized(batch_meta)
-                    loss = _loss(out, batch_meta, normalized, num_graphs, free_ids)
-                else:
-                    with torch.no_grad():
-                        normalized(batch_meta)
-            if training:
-                (loss * dp_size).backward()
-                sync_gradients(normalized)
-        results.append(
-            RankStep(
-                gp_rank=gp_rank,
-                gp_size=gp_size,
-                dp_size=dp_size,
-                atoms=num_atoms,
-                edges=share.edges.stop - share.edges.start,
-                triplets=counts["triplets"],
-                communication=communication,
-                operations=work,
-                saved_bytes=saved,
+                    (loss * dp_size).backward()
+                    sync_gradients(normalized)
+            results.append(
+                RankStep(
+                    gp_rank=gp_rank,
+                    gp_size=gp_size,
+                    dp_size=dp_size,
+                    atoms=num_atoms,
+                    edges=share.edges.stop - share.edges.start,
+                    triplets=counts["triplets"],
+                    communication=communication,
+                    operations=work,
+                    saved_bytes=saved,
+                )
             )
-        )
     return results

@@ -14,7 +14,9 @@
   (float64) and each step's relative difference from G = 1: the curves coincide; the differences
   start at float64 rounding and grow as between any two float64 trajectories
   (bench/gp_learning_curves.py).
-- `mae_vs_params`: force MAE (eV/A) against parameter count, the paper's Table 1 and ours.
+- `mae_vs_params`: force MAE (eV/A), ADwT and AFbT (%) against parameter count: our runs in one
+  column (the size ladder, config/experiments/size-ladder.yaml: each seed a dot, a line through
+  the means), the paper's Tables 1 and 2 in the other.
 - `scaling_model`: Fig. 2a predicted: weak-scaling efficiency against GPUs (graph parallel
   1-8, graph x 32-way data parallel 32-256, data parallel 1-32) for each hardware preset, and
   the V100 variants, with the paper's three published points
@@ -401,45 +403,126 @@ def gp_learning_curves(results: Path, paper: Path, benchmarks: Path) -> tuple:
 # ---- force MAE against parameters ------------------------------------------------------------
 
 
-def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
+# The metrics of the size figure: (task, metric key, axis label); percentages for IS2RS.
+SIZE_METRICS = (
+    ("s2ef", "forces_mae", "force MAE (eV/Å)"),
+    ("is2rs", "adwt", "ADwT (%)"),
+    ("is2rs", "afbt", "AFbT (%)"),
+)
+
+
+METRIC_NAMES = {"forces_mae": "force MAE", "adwt": "ADwT", "afbt": "AFbT"}
+
+
+def _family(model: str) -> str:
+    from graphpar.model_configs import CONFIGURATIONS
+
+    return CONFIGURATIONS[model][0] if model in CONFIGURATIONS else model
+
+
+def _our_sizes(results: Path) -> list[dict]:
+    """One row per (run, split, metric): in and out of distribution apart, as they differ."""
     rows = []
-    published = sources.paper_table(paper, "table1")
-    for printed in published.itertuples():
-        rows.append(
-            {
-                "source": "paper Table 1 (test)",
-                "label": printed.model_id,
-                "parameters": sources.parse_count(printed.params),
-                "forces_mae": float(printed.forces_mae),
-            }
-        )
-    metrics = sources.read_metrics(results, "s2ef")
-    for (experiment, run, split_group, model), group in metrics.groupby(
-        ["experiment", "run", "split_group", "model"], sort=True
-    ):
-        values = group["forces_mae"].dropna()
-        count = sources.parameter_count(model)
-        if values.empty or count is None:
-            continue
-        rows.append(
-            {
-                "source": f"ours ({split_group}, mean of {len(values)} split(s))",
-                "label": f"{_run_label(experiment, run)} ({model})",
-                "parameters": float(count),
-                "forces_mae": float(values.astype(float).mean()),
-            }
-        )
-    data = pd.DataFrame(rows, columns=["source", "label", "parameters", "forces_mae"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for source, points in data.groupby("source", sort=True):
-        marker = "s" if source.startswith("paper") else "o"
-        ax.scatter(points["parameters"], points["forces_mae"], marker=marker, label=source)
-        for point in points.itertuples():
-            ax.annotate(point.label, (point.parameters, point.forces_mae), fontsize=6)
-    ax.set(xlabel="parameters", ylabel="force MAE (eV/Å)", xscale="log")
-    ax.set_title("force MAE against model size (S2EF)")
-    ax.legend()
+    for task, key, _ in SIZE_METRICS:
+        metrics = sources.read_metrics(results, task)
+        for row in metrics.itertuples():
+            value = getattr(row, key)
+            if pd.isna(row.parameters) or pd.isna(value):
+                continue
+            rows.append(
+                {
+                    "panel": "ours",
+                    "source": f"ours ({row.split})",
+                    "experiment": row.experiment,
+                    "family": _family(row.model),
+                    "label": f"{_run_label(row.experiment, row.run)} ({row.model})",
+                    "parameters": float(row.parameters),
+                    "metric": key,
+                    "value": float(value) * (100 if task == "is2rs" else 1),
+                }
+            )
+    return rows
+
+
+def _paper_sizes(paper: Path) -> list[dict]:
+    rows = []
+    for table, task in (("table1", "s2ef"), ("table2", "is2rs")):
+        for printed in sources.paper_table(paper, table).itertuples():
+            for metric_task, key, _ in SIZE_METRICS:
+                if metric_task != task or not getattr(printed, key):
+                    continue
+                rows.append(
+                    {
+                        "panel": "paper",
+                        "source": f"paper {table.replace('table', 'Table ')} (test)",
+                        "experiment": "paper",
+                        "family": printed.model_id,
+                        "label": printed.model_id,
+                        "parameters": sources.parse_count(printed.params),
+                        "metric": key,
+                        "value": float(getattr(printed, key)),
+                    }
+                )
+    return rows
+
+
+def mae_vs_params(results: Path, paper: Path, benchmarks: Path) -> tuple:
+    """Force MAE, ADwT and AFbT against parameters: our runs in the left column (each run a
+    dot; a line through the mean over runs of equal size, e.g. the size ladder's seeds, per
+    experiment, model family and split; AFbT only for series where it is not zero), the
+    paper's Tables 1 and 2 in the right column. Apart because they share no data: ours trained
+    on EMT data in minutes, the paper's on OC20's DFT for GPU-months."""
+    columns = ["panel", "source", "experiment", "family", "label", "parameters", "metric"]
+    data = pd.DataFrame(_our_sizes(results) + _paper_sizes(paper), columns=[*columns, "value"])
+    ours = data[data["panel"] == "ours"]
+    afbt_is_zero = not (ours[ours["metric"] == "afbt"]["value"] > 0).any()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), squeeze=False)
+    for column, panel in enumerate(("ours", "paper")):
+        points = data[data["panel"] == panel]
+        top, bottom = axes[0][column], axes[1][column]
+        for ax, keys in ((top, ("forces_mae",)), (bottom, ("adwt", "afbt"))):
+            keys = [k for k in keys if not (panel == "ours" and k == "afbt" and afbt_is_zero)]
+            shown = points[points["metric"].isin(keys)]
+            if shown.empty:
+                _note(ax, f"no {' or '.join(keys)} of {panel} runs yet")
+                continue
+            if panel == "ours":
+                _size_lines(ax, shown)
+            else:
+                _size_points(ax, shown)
+            ax.set(xlabel="parameters", xscale="log")
+            ax.set_ylabel(" / ".join(label for _, k, label in SIZE_METRICS if k in keys))
+            ax.legend(fontsize=6)
+    axes[0][0].set_title("ours: EMT-labelled embedded data, CPU minutes (per split)")
+    axes[0][1].set_title("the paper: OC20 DFT, GPU-days (Tables 1 and 2, test)")
+    if afbt_is_zero and not ours.empty:
+        axes[1][0].set_title("AFbT is 0 for every run of ours: not drawn")
+    fig.suptitle("accuracy against model size")
     return fig, data
+
+
+def _size_lines(ax, points: pd.DataFrame) -> None:
+    """Each run a dot; per series a line through the mean of the runs of each size."""
+    series = ["experiment", "family", "source", "metric"]
+    for (experiment, family, source, metric), line in points.groupby(series, sort=True):
+        if metric == "afbt" and not (line["value"] > 0).any():
+            continue  # AFbT 0 everywhere: nothing to see, only where it is not zero
+        mean = line.groupby("parameters", sort=True)["value"].mean()
+        split = source.removeprefix("ours (").removesuffix(")")
+        style = "--" if metric == "afbt" else "-"
+        label = f"{experiment}: {family}, {split}" + (
+            f" ({METRIC_NAMES[metric]})" if metric != "forces_mae" else ""
+        )
+        drawn = ax.plot(mean.index, mean.values, style, marker="o", label=label)
+        ax.scatter(line["parameters"], line["value"], color=drawn[0].get_color(), alpha=0.4, s=12)
+
+
+def _size_points(ax, points: pd.DataFrame) -> None:
+    for metric, shown in points.groupby("metric", sort=True):
+        marker = {"forces_mae": "s", "adwt": "s", "afbt": "D"}[metric]
+        ax.scatter(shown["parameters"], shown["value"], marker=marker, label=METRIC_NAMES[metric])
+        for point in shown.itertuples():
+            ax.annotate(point.label, (point.parameters, point.value), fontsize=6)
 
 
 # ---- Fig. 2a and Table 4 predicted (graphpar.scaling_model) ---------------------------------

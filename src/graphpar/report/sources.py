@@ -72,9 +72,11 @@ def _dataset_name(provenance: dict) -> str:
 
 def read_metrics(results: Path, task: str) -> pd.DataFrame:
     """One row per metrics file of `task`: experiment, run, split, split_group (val/test),
-    split_label, model (registered config), dataset, method (IS2RE: relaxation or direct; None
-    for the other tasks), the task's metrics (None where null), n_systems, path. NaN or Infinity
-    in a file is an error naming it (`graphpar.io.read_json`)."""
+    split_label, model (registered config), parameters (the evaluated network's, recorded in
+    the provenance; for older files the registered config's), dataset, method (IS2RE:
+    relaxation or direct; None for the other tasks), the task's metrics (None where null),
+    n_systems, path. NaN or Infinity in a file is an error naming it
+    (`graphpar.io.read_json`)."""
     rows = []
     for path in metrics_files(results, task):
         metrics = read_json(path)
@@ -88,6 +90,8 @@ def read_metrics(results: Path, task: str) -> pd.DataFrame:
                 "split_group": group,
                 "split_label": label,
                 "model": provenance.get("model", "?"),
+                "parameters": provenance.get("parameters")
+                or parameter_count(provenance.get("model", "?")),
                 "dataset": _dataset_name(provenance),
                 "method": is2re_method(metrics, path) if task == "is2re" else None,
                 **{key: metrics.get(key) for key in METRIC_KEYS[task]},
@@ -95,8 +99,8 @@ def read_metrics(results: Path, task: str) -> pd.DataFrame:
                 "path": str(path),
             }
         )
-    columns = ["experiment", "run", "split", "split_group", "split_label", "model", "dataset"]
-    columns += ["method", *METRIC_KEYS[task], "n_systems", "path"]
+    columns = ["experiment", "run", "split", "split_group", "split_label", "model"]
+    columns += ["parameters", "dataset", "method", *METRIC_KEYS[task], "n_systems", "path"]
     return pd.DataFrame(rows, columns=columns)
 
 

@@ -65,9 +65,9 @@ def _ours_value(values: pd.Series, column: dict) -> float | None:
 
 def _descriptive(column: str, group: pd.DataFrame) -> str:
     """Our value of a non-metric column (#Params, training data, approach)."""
-    model = group["model"].iloc[0]
     if column == "params":
-        return sources.format_count(sources.parameter_count(model))
+        count = group["parameters"].iloc[0]
+        return sources.format_count(None if pd.isna(count) else int(count))
     if column == "training_data":
         return f"{group['dataset'].iloc[0]} dataset"
     if column == "approach":  # IS2RE rows: sources.is2re_method

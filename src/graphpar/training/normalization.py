@@ -64,6 +64,15 @@ def normalization_stats(config: Mapping, dataset, task: str) -> dict[str, float]
     return {"energy_mean": float(mean), "energy_std": float(std)}
 
 
+def model_arguments(config: dict) -> dict:
+    """The keyword arguments a training config builds its network with: its `model_args`, and
+    no force head for an energy-only run (force_coefficient 0)."""
+    args = dict(config["model_args"])
+    if config["loss"]["force_coefficient"] == 0:
+        args.setdefault("regress_forces", False)
+    return args
+
+
 def build_normalized_model(
     config: Mapping, stats: Mapping[str, float], scale_factors: bool = True
 ) -> Normalized:
@@ -75,10 +84,7 @@ def build_normalized_model(
     torch.manual_seed(config["seed"])
     np.random.seed(config["seed"])
     random.seed(config["seed"])
-    args = dict(config["model_args"])
-    if config["loss"]["force_coefficient"] == 0:
-        args.setdefault("regress_forces", False)
-    model = build_model(config["model"], **args)
+    model = build_model(config["model"], **model_arguments(config))
     path = config.get("scale_factors")
     if scale_factors and path is not None:
         if not hasattr(model, "scale_factors"):
