@@ -3,7 +3,7 @@
 # make reproduce  the default pipeline on config/config.yaml, then its tables, figures and
 #                 report.html (results/tables/, results/figures/)
 # make size-ladder  config/experiments/size-ladder.yaml (four GemNet widths x two seeds on a
-#                 larger embedded dataset; about 45 minutes on 2 cores), then the report
+#                 larger embedded dataset; 47 minutes on 2 cores), then the report
 
 VENV := .venv
 PYTHON := $(VENV)/bin/python
