@@ -676,6 +676,6 @@ def test_killed_preprocessing_resumes_with_finished_shards_untouched(raw, proces
             assert (kept.st_mtime_ns, kept.st_ino) == (mtime, inode), name
     assert not list(shards.glob("data.*"))  # temporary: removed once gathered
     assert not list(shards.glob(".*tmp-*"))  # the killed job's partial shard, cleaned up
-    log = (workdir / "logs" / "preprocess_shard" / "train").iterdir()
+    log = (workdir / "logs" / "preprocess_shard" / "mini" / "train").iterdir()
     assert len(list(log)) == len(the_plan["shards"])
     assert_same_dataset(workdir / target, processed / "s2ef")

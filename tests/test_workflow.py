@@ -45,7 +45,7 @@ def test_tiny_run_preprocesses_every_split(tiny_workflow):
         assert s2ef.metadata["ref_energy"] is True and s2ef.metadata["cutoff"] == 6.0
         is2re = LmdbDataset(raw / "lmdb" / "is2re" / split)
         assert len(is2re) == summary["is2re_systems"]
-        assert (tiny_workflow / "logs" / "preprocess_s2ef" / f"{split}.log").is_file()
+        assert (tiny_workflow / "logs" / "preprocess_s2ef" / "mini" / f"{split}.log").is_file()
 
 
 def test_tiny_run_trains_both_models_through_torchrun(tiny_workflow):

@@ -20,7 +20,7 @@ checkpoint preprocess_plan:
     output:
         f"{RAW}/lmdb/s2ef/{{split}}.shards/plan.json",
     log:
-        "logs/preprocess_plan/{split}.log",
+        f"logs/preprocess_plan/{DATASET_NAME}/{{split}}.log",
     wildcard_constraints:
         split="|".join(s2ef_splits()),
     conda:
@@ -40,7 +40,7 @@ rule preprocess_shard:
         shard=temp(f"{RAW}/lmdb/s2ef/{{split}}.shards/data.{{index}}.lmdb"),
         rows=temp(f"{RAW}/lmdb/s2ef/{{split}}.shards/data.{{index}}.npz"),
     log:
-        "logs/preprocess_shard/{split}/{index}.log",
+        f"logs/preprocess_shard/{DATASET_NAME}/{{split}}/{{index}}.log",
     wildcard_constraints:
         split="|".join(s2ef_splits()),
         index=r"\d\d\d\d+",
@@ -62,7 +62,7 @@ rule preprocess_s2ef:
     output:
         directory(f"{RAW}/lmdb/s2ef/{{split}}"),
     log:
-        "logs/preprocess_s2ef/{split}.log",
+        f"logs/preprocess_s2ef/{DATASET_NAME}/{{split}}.log",
     wildcard_constraints:
         split="|".join(s2ef_splits()),
     conda:
@@ -79,7 +79,7 @@ rule preprocess_is2re:
     output:
         directory(f"{RAW}/lmdb/is2re/{{split}}"),
     log:
-        "logs/preprocess_is2re/{split}.log",
+        f"logs/preprocess_is2re/{DATASET_NAME}/{{split}}.log",
     wildcard_constraints:
         split="|".join(is2re_splits()),
     conda:
