@@ -20,7 +20,9 @@ expected slowest of D groups can be drawn (Monte Carlo, `--draws`) from global b
 all-reduce (4 bytes per parameter) is one ring over the G x D ranks (DDP over the world
 group, as in fairchem's trainer), overlapped with backward except its last 25 MB bucket.
 F is set so that the 125M model on one GPU sustains the paper's 32 TFLOP/s
-(`scaling_model.calibrate`); nothing is fitted to Fig. 2a. Variants: one NIC per node, our
+(`scaling_model.calibrate`), and the H200 preset's so that it sustains what bench/gpu_step.py
+measured on one (results/benchmarks/gpu_step_125m.json, where committed); nothing is fitted to
+Fig. 2a. Variants: one NIC per node, our
 `sync_gradients` without overlap, no balancing, the optimiser and EMA step included.
 
 Memory model. Bytes per rank = 7 float32 copies of the parameters (weights, gradients,
@@ -65,6 +67,9 @@ REPO = Path(__file__).resolve().parents[1]
 OUT_SCALING = REPO / "results" / "benchmarks" / "scaling_model.json"
 OUT_MEMORY = REPO / "results" / "benchmarks" / "memory_model.json"
 GP_MEMORY = REPO / "results" / "benchmarks" / "gp_memory.json"
+# bench/gpu_step.py on a lent H200: the 125M model on two structures in float32 (the paper's
+# recipe, no AMP), whose measured rate sets the h200 preset's compute term.
+GPU_STEP_125M = REPO / "results" / "benchmarks" / "gpu_step_125m.json"
 
 TABLE4 = {  # model: (G of Table 4, parameters the paper prints)
     "gemnet-125m": (1, 125e6),
@@ -195,15 +200,47 @@ def profile_models(batches: list) -> dict:
     return profiles
 
 
+def measured_rate(path: Path = GPU_STEP_125M) -> tuple[dict, float, str] | None:
+    """(operations, useful FLOP/s, source) of the float32 run of the 125M model in `path`
+    (bench/gpu_step.py's record), or None without one."""
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    run = next(
+        (
+            r
+            for r in record["runs"]
+            if r["model"] == "gemnet-125m" and r["mode"] == "float32" and "error" not in r
+        ),
+        None,
+    )
+    if run is None:
+        return None
+    source = (
+        f"measured: bench/gpu_step.py on one {record['device']} (torch {record['torch']}), "
+        f"gemnet-125m, {record['batch']['copies']} 73-atom slabs, float32 without TF32: "
+        f"{run['tflops']:.1f} TFLOP/s ({path.relative_to(REPO)})"
+    )
+    return run["operations"], run["tflops"] * 1e12, source
+
+
 def calibrated_presets(reference: dict) -> dict[str, sm.Hardware]:
     """Every preset with its sustained matmul rate: V100 from the paper's 32 TFLOP/s on the
-    125M model; the others at the V100's calibrated fraction of its peak."""
+    125M model; H200 from our own measurement of that model (`measured_rate`), where one is
+    committed; the others at the V100's calibrated fraction of their peak."""
     v100 = sm.calibrate(sm.PRESETS["v100-dgx1"], reference, PAPER_RATE)
     fraction = v100.matmul_flops / v100.peak_flops
+    measured = measured_rate()
     presets = {}
     for name, hardware in sm.PRESETS.items():
         if name.startswith("v100"):
             presets[name] = sm.calibrate(hardware, reference, PAPER_RATE)
+        elif name == "h200" and measured is not None:
+            operations, rate, source = measured
+            presets[name] = dataclasses.replace(
+                sm.calibrate(hardware, operations, rate),
+                sources={**hardware.sources, "rate": source},
+            )
         else:
             presets[name] = dataclasses.replace(
                 hardware, matmul_flops=fraction * hardware.peak_flops

@@ -163,11 +163,27 @@ def test_memory_model_covers_table4(memory_record):
             assert parts["total"] == pytest.approx(sum(state.values()) + parts["activations"])
 
 
-@pytest.mark.parametrize("name", ["scaling_model", "memory_model"])
+@pytest.mark.parametrize("name", ["scaling_model", "memory_model", "gpu_step", "gpu_step_125m"])
 def test_summaries_have_the_benchmark_keys(name):
     summary = json.loads((BENCHMARKS / f"{name}.json").read_text())["summary"]
     keys = {"metric", "ours", "baseline", "baseline_name", "ratio", "goal"}
     assert keys | {"higher_is_better", "machine"} <= set(summary)
+
+
+def test_h200_compute_comes_from_the_measured_gpu_step(scaling_record):
+    # bench/gpu_step.py's float32 step of the 125M model on a lent H200 sets the h200 preset's
+    # sustained matmul rate (bench/scaling_model.py, measured_rate); the other presets keep the
+    # V100's calibrated fraction of their peak.
+    record = json.loads((BENCHMARKS / "gpu_step_125m.json").read_text())
+    (run,) = [r for r in record["runs"] if r["mode"] == "float32"]
+    assert run["model"] == "gemnet-125m" and "H200" in record["device"]
+    expected = sm.calibrate(sm.PRESETS["h200"], run["operations"], run["tflops"] * 1e12)
+    h200 = scaling_record["hardware"]["h200"]
+    assert h200["matmul_flops"] == pytest.approx(expected.matmul_flops)
+    assert "gpu_step_125m.json" in h200["sources"]["rate"]
+    # The step's own arithmetic: its products over its median time.
+    assert run["tflops"] == pytest.approx(run["matmul_flops"] / run["step_s_median"] / 1e12)
+    assert run["matmul_flops"] == run["operations"]["matmul_flops"]
 
 
 def test_scaling_model_has_every_curve_point(scaling_record):

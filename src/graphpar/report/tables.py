@@ -352,6 +352,11 @@ def _model_notes(table: str, benchmarks: Path) -> list[str]:
                 f"{hw['memory_bandwidth'] / 1e9:.0f} GB/s, NVLink "
                 f"{hw['nvlink_bandwidth'] / 1e9:.0f} GB/s per GPU and direction, network "
                 f"{hw['network_bandwidth'] * 8 / 1e9:.0f} Gb/s per node"
+                + (
+                    f" (F {rate})"
+                    if (rate := hw["sources"].get("rate", "")).startswith("measured")
+                    else ""
+                )
                 for name, hw in record["hardware"].items()
             )
             + ".",
