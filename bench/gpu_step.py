@@ -66,7 +66,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import cpu_model, step_seconds, synchronize
 from triplet_memory import make_batch
 
 from graphpar.io import atomic_path
@@ -129,25 +129,6 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function, device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
-    """Median seconds of `function()` (synchronised) after `warmup` calls."""
-    for _ in range(warmup):
-        function()
-    seconds = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def ceilings(device: torch.device, size: int = 8192, copy_elements: int = 2**29) -> dict:
     """What the device sustains: a size^3 matrix product on random data by precision
     (TFLOP/s) and a copy of `copy_elements` float32 (2 GiB; GB/s, bytes read + written)."""
@@ -161,11 +142,12 @@ def ceilings(device: torch.device, size: int = 8192, copy_elements: int = 2**29)
         set_tf32(tf32)
         a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
         b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
-        rates[precision] = 2 * size**3 / timed(lambda a=a, b=b: a @ b, device) / 1e12
+        seconds = statistics.median(step_seconds(lambda a=a, b=b: a @ b, device, 10, warmup=3))
+        rates[precision] = 2 * size**3 / seconds / 1e12
     set_tf32(False)
     source = torch.randn(copy_elements, device=device, generator=generator)
     target = torch.empty_like(source)
-    seconds = timed(lambda: target.copy_(source), device)
+    seconds = statistics.median(step_seconds(lambda: target.copy_(source), device, 10, warmup=3))
     copy = 2 * source.numel() * source.element_size() / seconds / 1e9
     return {"matmul_tflops": rates, "matmul_size": size, "copy_gb_per_s": copy}
 
@@ -219,15 +201,9 @@ def measure(model_name: str, mode: str, batch, device: torch.device, args) -> di
     batch = to_device(batch, device, torch.float32)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(args.warmup):
-        train_step(model, batch, optimizer, config)
-    seconds = []
-    for _ in range(args.repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        train_step(model, batch, optimizer, config)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
+    seconds = step_seconds(
+        lambda: train_step(model, batch, optimizer, config), device, args.repeats, args.warmup
+    )
     peak_mb = peak_memory_mb(device)
     synchronize(device)
     with count_operations() as work:

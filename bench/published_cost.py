@@ -20,11 +20,10 @@ import argparse
 import datetime
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from machine import cpu_model
+from machine import cpu_model, step_seconds
 from preprocess import make_structures
 
 from graphpar.data.dataset import collate
@@ -45,21 +44,8 @@ IS2RS_SYSTEMS = 25_000  # per val/test split: 24,930 to 24,987
 STEPS = 200
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def median_seconds(function, repeats: int, device: torch.device) -> float:
-    function()  # warm-up
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(step_seconds(function, device, repeats))
 
 
 def main(argv=None) -> None:

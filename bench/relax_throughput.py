@@ -42,7 +42,7 @@ import torch
 from ase import Atoms
 from ase.constraints import FixAtoms
 from ase.optimize import LBFGS
-from machine import cpu_model
+from machine import cpu_model, synchronize
 
 from graphpar.calculator import GraphparCalculator
 from graphpar.data.dataset import LmdbDataset
@@ -88,11 +88,6 @@ def to_atoms(sample) -> Atoms:
     )
     atoms.set_constraint(FixAtoms(mask=sample.fixed.bool().numpy()))
     return atoms
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Timed(torch.nn.Module):
