@@ -73,7 +73,7 @@ from graphpar.io import atomic_path
 from graphpar.models import count_parameters
 from graphpar.parallel.counting import count_operations
 from graphpar.parallel.predict import predict_step
-from graphpar.scaling_model import GPU_BYTES
+from graphpar.scaling_model import state_bytes
 from graphpar.training.config import load_config
 from graphpar.training.normalization import build_normalized_model
 from graphpar.training.step import build_optimizer, peak_memory_mb, to_device, train_step
@@ -162,7 +162,8 @@ def memory_model_mb(model_name: str, batch, activation_checkpointing: bool) -> f
         activation_checkpointing=activation_checkpointing,
         operations=False,
     )
-    state = (1 + 1 + 3) * GPU_BYTES * count_parameters(model_name)
+    state = state_bytes(count_parameters(model_name))
+    state = sum(bytes_ for key, bytes_ in state.items() if key not in ("ema", "gradient_buffer"))
     return (state + factor * sum(rank.saved_bytes.values())) / 2**20
 
 
