@@ -152,9 +152,10 @@ def ceilings(device: torch.device, size: int = 8192, copy_elements: int = 2**29)
     return {"matmul_tflops": rates, "matmul_size": size, "copy_gb_per_s": copy}
 
 
-def memory_model_mb(model_name: str, batch, activation_checkpointing: bool) -> float:
+def memory_model_mb(
+    model_name: str, batch, activation_checkpointing: bool, peak_factor: float
+) -> float:
     """The memory model's peak of one float32 step of `measure` (module docstring), MB."""
-    factor = json.loads((BENCHMARKS / "memory_model.json").read_text())["peak_factors"]["gemnet"]
     (rank,) = predict_step(
         model_name,
         batch,
@@ -164,17 +165,21 @@ def memory_model_mb(model_name: str, batch, activation_checkpointing: bool) -> f
     )
     state = state_bytes(count_parameters(model_name))
     state = sum(bytes_ for key, bytes_ in state.items() if key not in ("ema", "gradient_buffer"))
-    return (state + factor * sum(rank.saved_bytes.values())) / 2**20
+    return (state + peak_factor * sum(rank.saved_bytes.values())) / 2**20
 
 
 def add_memory_model(record: dict, batch) -> None:
-    """Each float32 and TF32 run of `record` with `memory_model_mb` and its relative error."""
+    """Each float32 and TF32 run of `record` with `memory_model_mb` and its relative error
+    (one prediction per model and checkpointing: the two precisions keep the same tensors)."""
+    factor = json.loads((BENCHMARKS / "memory_model.json").read_text())["peak_factors"]["gemnet"]
+    predictions = {}
     for run in record["runs"]:
         if run.get("precision") in ("float32", "tf32"):
             keys, _, _ = MODES[run["mode"]]
-            predicted = memory_model_mb(
-                run["model"], batch, keys.get("activation_checkpointing", False)
-            )
+            key = (run["model"], keys.get("activation_checkpointing", False))
+            if key not in predictions:
+                predictions[key] = memory_model_mb(key[0], batch, key[1], factor)
+            predicted = predictions[key]
             run["memory_model_mb"] = predicted
             run["memory_model_error"] = predicted / run["peak_memory_mb"] - 1
 
@@ -278,9 +283,7 @@ def main(argv=None) -> None:
     if args.memory_model:
         record = json.loads(args.memory_model.read_text())
         add_memory_model(record, make_batch(record["batch"]["copies"]))
-        record["summary"] = summary(record["runs"], record)
-        with atomic_path(args.memory_model) as tmp:
-            tmp.write_text(json.dumps(record, indent=2) + "\n")
+        write(record, args.memory_model)
         for run in record["runs"]:
             if "memory_model_mb" in run:
                 print(
@@ -335,18 +338,25 @@ def main(argv=None) -> None:
             )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            if device.type == "cuda" and run.get("precision") in ("float32", "tf32"):
-                add_memory_model({"runs": [run]}, batch)
-            record["summary"] = summary(runs, record)
-            with atomic_path(args.out) as tmp:
-                tmp.write_text(json.dumps(record, indent=2) + "\n")
+            write(record, args.out)
+    if device.type == "cuda":
+        add_memory_model(record, batch)
+        write(record, args.out)
     print(json.dumps(record["summary"]))
 
 
-def summary(runs: list[dict], record: dict) -> dict:
+def write(record: dict, path: Path) -> None:
+    """`record` with its summary brought up to date, written atomically to `path`."""
+    record["summary"] = summary(record)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def summary(record: dict) -> dict:
     """The benchmarks' summary keys: the best fraction of the dense peak over the runs so far
     (any precision) against the paper's 25%; then the best in a tensor-core precision (TF32,
     bf16), the runs that failed, and the memory model's largest error."""
+    runs = record["runs"]
     measured = [r for r in runs if r.get("fraction_of_peak") is not None]
     best = max(measured, key=lambda r: r["fraction_of_peak"], default=None)
     tensor = [r for r in measured if r["precision"] != "float32"]
